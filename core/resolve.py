@@ -62,10 +62,6 @@ def build_train_config(
     dataset_name, source = resolve_dataset(params.get("dataset") or DEFAULT_DATASETS[params["mode"]], registry)
 
     max_length = params["max_length"]
-    if max_length > model.max_positions:
-        raise ConfigError(
-            f"--max_length {max_length} is longer than model {model.name!r} allows ({model.max_positions} positions)"
-        )
 
     files: list[tuple[str, dict[str, Any]]] = []
     for family, option in (("lora", "lora_config"), ("galore", "galore_config")):
@@ -93,6 +89,10 @@ def build_train_config(
         if params["mode"] == "finetuning":
             max_steps = min(max_steps or TEST_BATCHES, TEST_BATCHES)
         eval_batches = min(eval_batches, 2)
+    if max_length > model.max_positions:
+        raise ConfigError(
+            f"--max_length {max_length} is longer than model {model.name!r} allows ({model.max_positions} positions)"
+        )
 
     resume = params.get("resume")
     output_dir = params.get("output_dir")

@@ -1,0 +1,185 @@
+"""Atomic, verifiable checkpoints that never need unpickling.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N``, every file fsynced, a manifest with
+a SHA-256 per file written last, then the folder renamed to ``step-N``: a folder counts only
+once its manifest exists, so a kill at any moment leaves the previous checkpoint usable.
+Tensors go to safetensors or to ``torch.save`` files of plain tensors that are read back with
+``weights_only=True``; everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lowmem.api import ConfigError
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, incomplete or corrupt; names the file."""
+
+
+def _fault_point(stage: str) -> None:
+    """Test hook: LOWMEM_FAULT_KILL_AT=<stage> kills the process at that stage of a save,
+    so tests can show a kill -9 mid-save leaves the previous checkpoint loadable."""
+    if os.environ.get("LOWMEM_FAULT_KILL_AT") == stage:
+        os.kill(os.getpid(), 9)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def clean_stale(run_dir: Path) -> list[Path]:
+    """Remove temporary folders a killed save left behind."""
+    removed = []
+    folder = checkpoints_dir(run_dir)
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name.startswith(TMP_PREFIX):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders (manifest present), oldest first."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / MANIFEST).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def save(run_dir: Path, step: int, writer, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically. ``writer(folder)`` writes the files into the
+    temporary folder; lowmem then fsyncs, checksums, renames and rotates."""
+    folder = checkpoints_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step}"
+    tmp = folder / f"{TMP_PREFIX}step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer(tmp)
+        _fault_point("files")
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync_file(path)
+            files[str(path.relative_to(tmp))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        _fault_point("manifest")
+        manifest = tmp / MANIFEST
+        manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
+        _fsync_file(manifest)
+        _fsync_dir(tmp)
+        _fault_point("rename")
+        if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = exc.filename or str(tmp)
+        raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc} ({where})") from None
+    rotate(run_dir, keep)
+    return final
+
+
+def rotate(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; the newest is never deleted."""
+    complete = complete_checkpoints(run_dir)
+    for old in complete[: max(0, len(complete) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(checkpoint: Path) -> dict[str, Any]:
+    """The manifest, after checking every file's size and checksum; raises naming the bad file."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from None
+    for name, meta in manifest["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (checksum mismatch)")
+    return manifest
+
+
+def find(resume: str, run_dir: Path, warn) -> Path:
+    """The checkpoint to resume from.
+
+    ``latest``: the newest complete checkpoint of ``run_dir`` that verifies; a corrupt one is
+    named and the previous one used. A folder: that checkpoint (or, for a run folder, its
+    newest), which must verify.
+    """
+    if resume == "latest":
+        candidates = complete_checkpoints(run_dir)
+        if not candidates:
+            raise CheckpointError(f"no complete checkpoint under {checkpoints_dir(run_dir)} to resume from")
+        for checkpoint in reversed(candidates):
+            try:
+                verify(checkpoint)
+                return checkpoint
+            except CheckpointError as exc:
+                warn(f"warning: {exc}; trying the previous checkpoint")
+        raise CheckpointError(f"every checkpoint under {checkpoints_dir(run_dir)} is corrupt")
+    path = Path(resume)
+    if not (path / MANIFEST).is_file() and complete_checkpoints(path):
+        path = complete_checkpoints(path)[-1]
+    verify(path)
+    return path
+
+
+def save_tensors(path: Path, tensors: Any) -> None:
+    """``torch.save`` of plain tensors/containers only: read back with ``weights_only=True``."""
+    import torch
+
+    torch.save(tensors, path)
+
+
+def load_tensors(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
+        raise CheckpointError(f"refusing {path}: it is not plain tensors ({type(exc).__name__})") from None

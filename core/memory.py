@@ -1,0 +1,93 @@
+"""Exact memory accounting of a model and its optimizer, measured from the tensors themselves."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+
+def _storage_key(tensor) -> tuple[str, int]:
+    storage = tensor.untyped_storage()
+    return (str(tensor.device), storage.data_ptr() if tensor.device.type != "meta" else id(storage))
+
+
+def unique_tensor_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors``: shared tensors (bitsandbytes' quantile
+    maps, tied embeddings) count once."""
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        key = _storage_key(tensor)
+        seen[key] = max(seen.get(key, 0), tensor.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def iter_tensors(value: Any) -> Iterable[Any]:
+    """Every tensor inside nested dicts, lists and tuples."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from iter_tensors(item)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held in optimizer state: every tensor its ``state_dict()['state']`` exposes
+    (lowmem's optimizers expose projection matrices and 8-bit maps there too)."""
+    return unique_tensor_bytes(iter_tensors(optimizer.state_dict()["state"]))
+
+
+def parameter_bytes(model) -> int:
+    return unique_tensor_bytes(p for p in model.parameters())
+
+
+def gradient_bytes(model) -> int:
+    return unique_tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared parameters once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def cuda_peaks(device) -> dict[str, int]:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    return {
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }

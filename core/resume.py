@@ -1,0 +1,136 @@
+"""What a checkpoint holds, and how a run continues from one bit for bit.
+
+Model weights go to safetensors; optimizer state to a ``torch.save`` of tensors and plain values
+(read back with ``weights_only=True``); counters, schedule, loss scaler and config to JSON;
+RNG states of every rank to tensors. Together they let a resumed run repeat exactly what the
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lowmem import checkpoint
+from lowmem.api import ConfigError
+from lowmem.config import TrainConfig
+
+# Changing these would make the saved state meaningless for the new run.
+MUST_MATCH = ("mode", "optimizer", "model", "dataset", "dataset_source", "batch_size", "max_length",
+              "grad_accum", "optimizer_config", "dtype", "seed", "shuffle", "tokenizer", "model_path")
+
+
+@dataclass
+class TrainState:
+    """Counters that say where the run is. ``batch_in_epoch`` counts global batches."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_skips: int = 0
+    wall_seconds: float = 0.0
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    version, keys, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run, state: TrainState, dist, run_dir: Path) -> Path | None:
+    """Every rank calls this; rank 0 writes the folder. Returns its path on rank 0."""
+    import safetensors.torch
+
+    rng_per_rank = dist.gather(_rng_state())
+    if not dist.is_main:
+        dist.barrier()
+        return None
+
+    def write(folder: Path) -> None:
+        safetensors.torch.save_model(run.model, str(folder / "model.safetensors"))
+        checkpoint.save_tensors(folder / "optimizer.pt", run.optimizer.state_dict())
+        checkpoint.save_tensors(folder / "rng.pt", rng_per_rank)
+        (folder / "trainer_state.json").write_text(json.dumps({
+            "state": asdict(state),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "world_size": dist.world_size,
+            "config": run.config.to_json(),
+        }, indent=1))
+        run.tokenizer.save_pretrained(str(folder / "tokenizer"))
+
+    try:
+        path = checkpoint.save(run_dir, state.step, write, run.config.keep_checkpoints)
+    finally:
+        dist.barrier()
+    return path
+
+
+def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int, note) -> None:
+    current = config.to_json()
+    changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
+    if saved_world != world_size:
+        changed.append("world_size")
+    if changed:
+        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed if key != "world_size")
+        if "world_size" in changed:
+            details += f"{'; ' if details else ''}world_size: {saved_world} -> {world_size}"
+        raise ConfigError(f"cannot resume: the checkpoint was made with other settings ({details})")
+    harmless = [key for key in current if key not in MUST_MATCH and key not in ("resume", "output_dir")
+                and saved.get(key) != current.get(key)]
+    if harmless:
+        note(f"note: resuming with changed settings: {', '.join(harmless)}")
+
+
+def load(run, path: Path, dist, note) -> TrainState:
+    """Restore everything ``save`` wrote into the assembled run; returns the counters."""
+    import safetensors.torch
+
+    meta = json.loads((path / "trainer_state.json").read_text())
+    check_compatible(meta["config"], run.config, dist.world_size, meta["world_size"], note)
+    missing, unexpected = safetensors.torch.load_model(run.model, str(path / "model.safetensors"), strict=False,
+                                                       device=str(run.device))
+    if missing or unexpected:
+        raise checkpoint.CheckpointError(f"{path / 'model.safetensors'} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    run.optimizer.load_state_dict(checkpoint.load_tensors(path / "optimizer.pt"))
+    run.scheduler.load_state_dict(meta["scheduler"])
+    run.scaler.load_state_dict(meta["scaler"])
+    rng = checkpoint.load_tensors(path / "rng.pt")
+    _set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0])
+    return TrainState(**meta["state"])
+
+
+def resolve(config: TrainConfig, warn) -> Path | None:
+    if not config.resume:
+        return None
+    try:
+        return checkpoint.find(config.resume, Path(config.output_dir), warn)
+    except checkpoint.CheckpointError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {config.resume}: {exc}") from None

@@ -1,0 +1,138 @@
+"""The CLI surface: every seed option in both spellings, and bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from lowmem.config import parse_count
+from lowmem.resolve import build_train_config
+
+SEED_COMMAND = ("train --mode pretraining --optimizer lora --model llama_1b --batch_size 32 "
+                "--num_epochs 20 --shuffle false --lr 3e-4").split()
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Capture the TrainConfig `train` hands to the core instead of training."""
+    from lowmem import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "run_training", lambda config, registry: seen.append(config) or 0)
+    return seen
+
+
+def test_seed_command_parses_exactly(cli, captured, tmp_path):
+    result = cli(*SEED_COMMAND, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    config = captured[0]
+    assert (config.mode, config.optimizer, config.model) == ("pretraining", "lora", "llama_1b")
+    assert (config.batch_size, config.num_epochs, config.shuffle, config.lr) == (32, 20, False, 3e-4)
+    assert config.num_training_tokens == 10**9 and config.max_length == 512
+
+
+def test_kebab_spellings_and_counts(cli, captured, tmp_path):
+    result = cli("train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama",
+                 "--batch-size", "4", "--max-length", "64", "--num-training-tokens", "100M",
+                 "--weight-decay", "0", "--output-dir", tmp_path / "run", "--test", "false")
+    assert result.exit_code == 0, result.output
+    assert captured[0].num_training_tokens == 100_000_000 and captured[0].batch_size == 4
+
+
+@pytest.mark.parametrize("text,value", [("1e9", 10**9), ("100M", 10**8), ("1B", 10**9), ("2.5k", 2500), ("1_000", 1000)])
+def test_parse_count(text, value):
+    assert parse_count(text) == value
+
+
+BASE = ["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--mode", "pretrain", "--optimizer", "baseline", "--model", "tiny-llama"], "pretraining, finetuning"),
+    (["train", "--mode", "pretraining", "--optimizer", "adam9", "--model", "tiny-llama"], "unknown optimizer 'adam9'"),
+    (["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "llama_3b"], "unknown model 'llama_3b'"),
+    (BASE + ["--batch_size", "0"], "positive integer"),
+    (BASE + ["--batch_size", "-3"], "positive integer"),
+    (BASE + ["--batch_size", "many"], "batch_size"),
+    (BASE + ["--lr", "-1"], "positive number"),
+    (BASE + ["--shuffle", "maybe"], "true or false"),
+    (BASE + ["--dtype", "fp8"], "bf16, fp16, fp32"),
+    (BASE + ["--num_training_tokens", "lots"], "not a count"),
+    (BASE + ["--max_length", "4096"], "4096"),
+    (BASE + ["--lora_config", "/nonexistent/lora.json"], "does not exist"),
+])
+def test_bad_input_exits_2_with_a_clear_line(cli, args, needle, captured):
+    started = time.perf_counter()
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert not captured
+    assert time.perf_counter() - started < 10
+
+
+def test_unknown_optimizer_lists_choices(cli, captured):
+    result = cli("train", "--mode", "pretraining", "--optimizer", "adam9", "--model", "tiny-llama")
+    assert "baseline" in result.output and "lora+galore8bit" in result.output
+
+
+def test_max_length_error_names_both_numbers(cli, captured):
+    result = cli(*BASE, "--max_length", "4096")
+    assert "4096" in result.output and "128" in result.output
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"rnk": 4}', "unknown key 'rnk'"),
+    ('{"rank": "four"}', "key 'rank' must be int"),
+])
+def test_bad_config_files_name_file_and_key(cli, captured, tmp_path, content, needle):
+    path = tmp_path / "galore.json"
+    path.write_text(content)
+    result = cli("train", "--mode", "pretraining", "--optimizer", "galore", "--model", "tiny-llama",
+                 "--galore_config", path)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and str(path) in result.output
+
+
+def test_config_file_for_another_optimizer_is_noted_and_ignored(cli, captured, tmp_path):
+    path = tmp_path / "lora.json"
+    path.write_text('{"r": 4}')
+    result = cli(*BASE, "--lora_config", path, "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "does not apply to optimizer 'baseline'" in result.output
+
+
+def test_config_show_prints_defaults_as_json(cli):
+    result = cli("config", "show", "galore")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["rank"] == 128
+
+
+def test_existing_run_is_never_overwritten(cli, captured, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    result = cli(*BASE, "--output-dir", run)
+    assert result.exit_code == 2 and "already holds a run" in result.output
+
+
+def test_listings_show_built_ins(cli):
+    for command, names in (("list-optimizers", ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"]),
+                           ("list-models", ["llama_60m", "llama_1b", "llama_7b", "roberta", "gpt2"]),
+                           ("list-datasets", ["stdlib-docs", "stdlib-topics"])):
+        result = cli(command)
+        assert result.exit_code == 0, result.output
+        for name in names:
+            assert name in result.output
+
+
+def test_test_mode_caps_are_in_the_resolved_config(tiny_registry, tmp_path):
+    params = dict(mode="finetuning", optimizer="lora", model="tiny-roberta", batch_size=8, num_epochs=30,
+                  max_length=512, num_training_tokens=10**9, shuffle=True, dtype="bf16", lr=1e-3,
+                  weight_decay=0.0, test=True, output_dir=tmp_path / "r")
+    config = build_train_config(params, tiny_registry, environ={}, note=lambda m: None)
+    assert config.max_steps == 4 and config.max_length == 128 and config.dataset == "stdlib-topics"

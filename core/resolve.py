@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.api import ConfigError
-from lowmem.config import DEFAULT_DATASETS, TEST_BATCHES, TEST_TOKENS, TrainConfig, merge_optimizer_config, read_config_file
+from lowmem.config import (
+    DEFAULT_DATASETS,
+    TEST_BATCHES,
+    TEST_TOKENS,
+    TrainConfig,
+    merge_optimizer_config,
+    read_config_file,
+)
 from lowmem.registry import Registry
 
 # Sequence length cap in --test mode: a few short steps instead of one huge one, so even the

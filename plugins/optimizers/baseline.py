@@ -1,0 +1,47 @@
+"""``baseline``: torch's AdamW over every trainable parameter, the full-rank reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lowmem
+
+
+@lowmem.hookimpl
+def register_optimizers(register):
+    register(Baseline())
+
+
+def trainable_parameters(model: Any) -> list[Any]:
+    # model.parameters() yields a tied weight (GPT-2's wte / lm_head) once.
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_adamw(model: Any, settings: lowmem.OptimizerSettings) -> Any:
+    import torch
+
+    params = trainable_parameters(model)
+    if not params:
+        raise lowmem.ConfigError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def adamw_state_bytes(model: Any) -> int:
+    """torch AdamW's state: exp_avg and exp_avg_sq shaped and typed like each parameter, plus a
+    0-dim ``step`` tensor per parameter (float32, or float64 when that is torch's default
+    dtype; see torch.optim.adam._get_scalar_dtype)."""
+    import torch
+
+    step_bytes = 8 if torch.get_default_dtype() == torch.float64 else 4
+    return sum(2 * p.numel() * p.element_size() + step_bytes for p in trainable_parameters(model))
+
+
+class Baseline(lowmem.Optimizer):
+    name = "baseline"
+    description = "AdamW over all parameters (full-rank reference)"
+
+    def build(self, model, settings):
+        return build_adamw(model, settings)
+
+    def state_bytes(self, model, settings):
+        return adamw_state_bytes(model)

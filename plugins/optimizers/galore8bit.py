@@ -1,0 +1,54 @@
+"""``galore8bit``: GaLore with 8-bit (blockwise, bitsandbytes) Adam moments.
+
+Uses lowmem's own GaLoreAdamW8bit (galore_adamw8bit.py), not galore_torch's, which crashes on
+CPU and misbinds bitsandbytes >= 0.45 arguments. Moments with fewer than ``min_8bit_size``
+elements stay fp32 (bitsandbytes' rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lowmem
+from lowmem.plugins.optimizers.galore import GALORE_DEFAULTS, GaLore
+
+GALORE8BIT_DEFAULTS: dict[str, Any] = {**GALORE_DEFAULTS, "min_8bit_size": 4096}
+
+
+@lowmem.hookimpl
+def register_optimizers(register):
+    register(GaLore8bit())
+
+
+def make_8bit_factory(settings: lowmem.OptimizerSettings, config: dict[str, Any]):
+    """(make_optimizer, on_inner_change) for build_galore with 8-bit states."""
+    from lowmem.plugins.optimizers.galore_adamw8bit import GaLoreAdamW8bit, share_quantization_maps
+
+    def make_optimizer(groups):
+        return GaLoreAdamW8bit(
+            groups, lr=settings.lr, weight_decay=settings.weight_decay, min_8bit_size=config["min_8bit_size"]
+        )
+
+    return make_optimizer, share_quantization_maps
+
+
+class GaLore8bit(GaLore):
+    name = "galore8bit"
+    description = "GaLore with 8-bit Adam states (bitsandbytes), CPU and GPU"
+    default_config = dict(GALORE8BIT_DEFAULTS)
+    config_files = ("galore",)
+
+    def build(self, model, settings):
+        from lowmem.plugins.optimizers.galore_common import build_galore
+
+        config = self.full_config(settings)
+        make_optimizer, on_inner_change = make_8bit_factory(settings, config)
+        projected = self.projected_weights(model, settings, config)
+        return build_galore(model, settings, config, projected, make_optimizer, on_inner_change)
+
+    def state_bytes(self, model, settings):
+        from lowmem.plugins.optimizers.galore_common import galore_state_bytes
+
+        config = self.full_config(settings)
+        projected = self.projected_weights(model, settings, config)
+        return galore_state_bytes(model, projected, config, min_8bit_size=config["min_8bit_size"])

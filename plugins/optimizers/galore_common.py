@@ -1,0 +1,240 @@
+"""Shared GaLore pieces: parameter grouping, checks, projector state conversion, state bytes.
+
+Imported only from inside plugin methods: it imports torch, galore_torch and (through it)
+bitsandbytes at module level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lowmem.plugins.optimizers import quiet_bitsandbytes
+
+quiet_bitsandbytes()
+
+import torch  # noqa: E402
+from galore_torch import GaLoreAdamW  # noqa: E402
+from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
+
+import lowmem  # noqa: E402
+
+GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+BNB_BLOCK = 256  # bitsandbytes' blockwise quantisation: one fp32 absmax per 256 elements
+BNB_QMAP_BYTES = 2 * 256 * 4  # the signed and unsigned 256-entry fp32 maps, shared by all params
+
+
+# -- grouping and checks ---------------------------------------------------------------------
+def check_rank(projected: list[tuple[str, Any]], rank: int) -> None:
+    """GaLore cannot project to more directions than the matrix has (the SVD has min(m, n))."""
+    for name, weight in projected:
+        if rank > min(weight.shape):
+            rows, cols = weight.shape
+            raise lowmem.ConfigError(
+                f"'rank' {rank} is larger than the smaller dimension of {name} ({rows}x{cols}); "
+                f"use a rank of at most {min(weight.shape)}"
+            )
+
+
+def check_per_layer(settings: lowmem.OptimizerSettings) -> None:
+    if settings.max_grad_norm > 0:
+        raise lowmem.ConfigError(
+            "'per_layer': each parameter steps during backward, so clipping by the norm over all "
+            f"parameters is impossible (max_grad_norm is {settings.max_grad_norm}); pass --max-grad-norm 0"
+        )
+    if settings.world_size > 1:
+        raise lowmem.ConfigError(
+            f"'per_layer' runs on a single process only (world size is {settings.world_size}): "
+            "gradients would be stepped before they are reduced across processes"
+        )
+
+
+def galore_groups(
+    model: Any, projected: list[tuple[str, Any]], config: Mapping[str, Any], weight_decay: float
+) -> list[dict[str, Any]]:
+    """A projected group for ``projected`` and a plain group for every other trainable parameter
+    (embeddings, heads, norms, biases): GaLore only pays off, and is only specified, for the 2-D
+    weights of attention and MLP layers."""
+    check_rank(projected, config["rank"])
+    projected_ids = {id(p) for _, p in projected}
+    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
+    groups = [{"params": [p for _, p in projected], "weight_decay": weight_decay}]
+    groups[0].update({key: config[key] for key in GALORE_GROUP_KEYS})
+    if plain:
+        groups.append({"params": plain, "weight_decay": weight_decay})
+    return groups
+
+
+def build_galore(
+    model: Any,
+    settings: lowmem.OptimizerSettings,
+    config: Mapping[str, Any],
+    projected: list[tuple[str, Any]],
+    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+    on_inner_change: Callable[[list[torch.optim.Optimizer]], None] | None = None,
+) -> torch.optim.Optimizer:
+    """One optimizer over the GaLore groups, or the per-layer wrapper when ``per_layer`` is set."""
+    if config["per_layer"]:
+        check_per_layer(settings)
+    groups = galore_groups(model, projected, config, settings.weight_decay)
+    if not config["per_layer"]:
+        return make_optimizer(groups)
+    from lowmem.plugins.optimizers.per_layer import PerLayerOptimizer
+
+    return PerLayerOptimizer(groups, make_optimizer, settings.grad_accum, on_inner_change=on_inner_change)
+
+
+# -- projector -------------------------------------------------------------------------------
+class CompactProjector(GaLoreProjector):
+    """galore_torch's projector, keeping only the rank-r factor it uses.
+
+    galore_torch returns ``Vh[:rank]`` / ``U[:, :rank]``, views that keep the whole
+    min(m, n)-wide SVD factor alive (4x the memory at rank 128 on 512-wide layers, and 4x
+    the checkpoint size, since torch.save writes whole storages).
+    """
+
+    def get_orthogonal_matrix(self, weights, rank, type):  # noqa: A002 - galore_torch's signature
+        factor = super().get_orthogonal_matrix(weights, rank, type)
+        if isinstance(factor, list):
+            return [f.clone() for f in factor]
+        return factor.clone()
+
+
+def new_projector(group: Mapping[str, Any]) -> CompactProjector:
+    return CompactProjector(
+        group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type=group["proj_type"]
+    )
+
+
+def pack_projector(projector: GaLoreProjector) -> dict[str, Any]:
+    """Tensors and numbers only, so torch.load(weights_only=True) accepts the state. proj_type
+    is not stored: torch's state loader rebuilds every iterable in state, strings included
+    ("std" would come back as "<generator ...>"); it is read back from the param group."""
+    return {
+        "ortho_matrix": projector.ortho_matrix,
+        "rank": projector.rank,
+        "update_proj_gap": projector.update_proj_gap,
+        "scale": projector.scale,
+    }
+
+
+class ProjectorStateMixin:
+    """state_dict()/load_state_dict() for optimizers keeping a GaLoreProjector per parameter:
+    the projector is saved as its matrix and numbers, and rebuilt on load, so a resumed run
+    projects with the saved matrix until its next scheduled refresh."""
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        # torch's state_dict() shares the live per-parameter dicts: build new ones.
+        state_dict["state"] = {
+            key: {**value, "projector": pack_projector(value["projector"])}
+            if isinstance(value, dict) and isinstance(value.get("projector"), GaLoreProjector)
+            else value
+            for key, value in state_dict["state"].items()
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        super().load_state_dict(state_dict, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                packed = self.state.get(p, {}).get("projector")
+                if "rank" in group and isinstance(packed, dict):
+                    projector = new_projector(group)
+                    projector.rank = packed["rank"]
+                    projector.update_proj_gap = packed["update_proj_gap"]
+                    projector.scale = packed["scale"]
+                    projector.ortho_matrix = packed["ortho_matrix"]
+                    self.state[p]["projector"] = projector
+
+
+class LowmemGaLoreAdamW(ProjectorStateMixin, GaLoreAdamW):
+    """galore_torch's GaLoreAdamW with compact projectors and a weights_only-loadable state."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # galore_torch creates a projector only where none exists: put ours there first.
+        for group in self.param_groups:
+            if "rank" in group:
+                for p in group["params"]:
+                    if p.grad is not None and "projector" not in self.state[p]:
+                        self.state[p]["projector"] = new_projector(group)
+        super().step()
+        return loss
+
+
+# -- state bytes -----------------------------------------------------------------------------
+def low_rank_shapes(rows: int, cols: int, rank: int, proj_type: str) -> tuple[tuple[int, int], int]:
+    """(shape of the Adam moments, elements of the projection matrix) for a rows x cols weight,
+    following GaLoreProjector.project: 'std' keeps the long side and projects the short one
+    (moments rank x max, projector rank x min), 'reverse_std' the opposite."""
+    if proj_type == "std":
+        side = "right" if rows >= cols else "left"
+    elif proj_type == "reverse_std":
+        side = "left" if rows >= cols else "right"
+    else:
+        side = proj_type
+    if side == "right":
+        return (rows, rank), rank * cols
+    if side == "left":
+        return (rank, cols), rows * rank
+    return (rank, rank), rows * rank + rank * cols  # full: both sides
+
+
+def galore_state_bytes(
+    model: Any, projected: list[tuple[str, Any]], config: Mapping[str, Any], min_8bit_size: int | None = None
+) -> int:
+    """Exact optimizer-state bytes, from shapes only. ``min_8bit_size`` None: GaLoreAdamW (moments
+    in the parameter's dtype); otherwise the 8-bit optimizer (bitsandbytes rules: uint8 moments
+    plus an fp32 absmax per 256-element block from ``min_8bit_size`` elements on, fp32 moments
+    below it, and the two shared quantisation maps once)."""
+    projected_ids = {id(p) for _, p in projected}
+    total = 0
+    any_8bit = False
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        moment_numel = p.numel()
+        if id(p) in projected_ids:
+            moment_shape, projector_numel = low_rank_shapes(*p.shape, config["rank"], config["proj_type"])
+            moment_numel = math.prod(moment_shape)
+            total += projector_numel * p.element_size()
+        if min_8bit_size is None:
+            total += 2 * moment_numel * p.element_size()
+        elif moment_numel >= min_8bit_size:
+            any_8bit = True
+            total += 2 * moment_numel + 2 * 4 * math.ceil(moment_numel / BNB_BLOCK)
+        else:
+            total += 2 * moment_numel * 4
+    return total + (BNB_QMAP_BYTES if any_8bit else 0)
+
+
+def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct tensor storages reachable from ``optimizer.state`` (projector
+    objects included); a storage shared by several entries (bitsandbytes' maps) counts once."""
+    seen: dict[tuple[str, int], int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[(str(value.device), storage.data_ptr())] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+        elif isinstance(value, GaLoreProjector):
+            visit(value.ortho_matrix)
+
+    for per_param in optimizer.state.values():
+        visit(per_param)
+    return sum(seen.values())

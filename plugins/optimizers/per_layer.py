@@ -1,0 +1,116 @@
+"""Per-layer GaLore: one optimizer per parameter, stepped from its gradient hook.
+
+Each parameter is stepped (and its gradient freed) as soon as backward has finished
+accumulating it, so the full set of gradients never exists at once. Unlike the reference
+implementation this respects gradient accumulation: a parameter steps on every
+``grad_accum``-th hook call only, so its gradient sums the whole accumulation window first.
+
+The wrapper is a real ``torch.optim.Optimizer`` so the training loop and LR schedulers treat it
+like any other: ``step()`` does nothing (the hooks did the work), ``param_groups`` are the inner
+optimizers' own group dicts (a scheduler setting ``lr`` there drives every inner optimizer, once
+per optimizer step), ``zero_grad()`` drops gradients and restarts the accumulation window, and
+``state_dict()`` / ``load_state_dict()`` carry every inner state.
+
+Imported only from inside plugin methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class PerLayerOptimizer(torch.optim.Optimizer):
+    def __init__(
+        self,
+        param_groups: list[dict[str, Any]],
+        make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+        grad_accum: int = 1,
+        on_inner_change: Callable[[list[torch.optim.Optimizer]], None] | None = None,
+    ):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        params = [p for group in param_groups for p in group["params"]]
+        super().__init__(params, {})
+        self.grad_accum = grad_accum
+        self.on_inner_change = on_inner_change
+        self.parameters_in_order = params
+        self.inner_optimizers = [
+            make_optimizer([{**group, "params": [p]}]) for group in param_groups for p in group["params"]
+        ]
+        self.param_groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
+        # Hook calls since each parameter's last step.
+        self.micro_batches = [0] * len(params)
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(self._hook_for(index)) for index, p in enumerate(params)
+        ]
+        self._inner_changed()
+
+    def _hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
+        def after_grad(param: torch.Tensor) -> None:
+            self.micro_batches[index] += 1
+            if self.micro_batches[index] < self.grad_accum:
+                return
+            self.micro_batches[index] = 0
+            self.inner_optimizers[index].step()
+            param.grad = None  # the whole point: this gradient is not kept until the end
+
+        return after_grad
+
+    def _inner_changed(self) -> None:
+        # Expose the inner states as this optimizer's state (tools measure optimizer.state);
+        # the dicts are shared, so they stay live until an inner load_state_dict replaces them.
+        self.state.clear()
+        for p, inner in zip(self.parameters_in_order, self.inner_optimizers, strict=True):
+            self.state[p] = inner.state[p]
+        if self.on_inner_change is not None:
+            self.on_inner_change(self.inner_optimizers)
+
+    def step(self, closure=None):
+        """Nothing to do: each parameter was stepped by its hook during backward."""
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients and start a new accumulation window (a loop that skips a
+        non-finite batch calls this mid-window)."""
+        for p in self.parameters_in_order:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+        self.micro_batches = [0] * len(self.micro_batches)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "inner_optimizers"):
+            raise NotImplementedError("per-layer GaLore does not take parameter groups after construction")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "per_layer": [inner.state_dict() for inner in self.inner_optimizers],
+            "micro_batches": list(self.micro_batches),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["per_layer"]
+        if len(saved) != len(self.inner_optimizers):
+            raise ValueError(
+                f"per-layer state has {len(saved)} optimizers, this model needs {len(self.inner_optimizers)}"
+            )
+        for inner, inner_state in zip(self.inner_optimizers, saved, strict=True):
+            inner.load_state_dict(inner_state)
+        self.param_groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
+        self.micro_batches = list(state_dict.get("micro_batches", [0] * len(self.inner_optimizers)))
+        self._inner_changed()
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (another optimizer is about to train it)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []

@@ -9,6 +9,7 @@ Tensors go to safetensors or to ``torch.save`` files of plain tensors that are r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,11 +29,19 @@ class CheckpointError(ConfigError):
     """A checkpoint that is missing, incomplete or corrupt; names the file."""
 
 
-def _fault_point(stage: str) -> None:
-    """Test hook: LOWMEM_FAULT_KILL_AT=<stage> kills the process at that stage of a save,
-    so tests can show a kill -9 mid-save leaves the previous checkpoint loadable."""
-    if os.environ.get("LOWMEM_FAULT_KILL_AT") == stage:
-        os.kill(os.getpid(), 9)
+def _fault_point(stage: str, step: int) -> None:
+    """Test hooks for fault injection in real processes. LOWMEM_FAULT_KILL_AT=<stage>[@<step>]
+    sends SIGKILL to this process at that stage of a save; LOWMEM_FAULT_DISK_FULL_AT likewise
+    fails the write as a full disk would (ENOSPC)."""
+    for variable in ("LOWMEM_FAULT_KILL_AT", "LOWMEM_FAULT_DISK_FULL_AT"):
+        wanted = os.environ.get(variable, "")
+        if not wanted:
+            continue
+        at_stage, _, at_step = wanted.partition("@")
+        if at_stage == stage and (not at_step or int(at_step) == step):
+            if variable == "LOWMEM_FAULT_KILL_AT":
+                os.kill(os.getpid(), 9)
+            raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def _fsync_file(path: Path) -> None:
@@ -96,17 +105,17 @@ def save(run_dir: Path, step: int, writer, keep: int) -> Path:
     tmp.mkdir()
     try:
         writer(tmp)
-        _fault_point("files")
+        _fault_point("files", step)
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync_file(path)
             files[str(path.relative_to(tmp))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        _fault_point("manifest")
+        _fault_point("manifest", step)
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
         _fsync_file(manifest)
         _fsync_dir(tmp)
-        _fault_point("rename")
+        _fault_point("rename", step)
         if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -1,0 +1,84 @@
+"""``stdlib-topics``: an offline classification set. Each record is one standard-library docstring,
+labelled with the area of the library it documents (GUI, asyncio, email, ...).
+
+The areas are far apart in vocabulary, so the task is learnable well above chance, and every class
+gets the same number of examples (the majority-class rate is 1 / number of classes). 10% of the
+examples, picked by a hash, form the eval split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lowmem
+from lowmem.plugins.datasets.common import cached_rows, select_split, shuffled, stable_fraction, text_records
+from lowmem.plugins.datasets.stdlib_docs import PYTHON_TAG, all_docstrings
+
+EVAL_FRACTION = 0.10
+MIN_CHARS = 40  # shorter docstrings ("Return self.") carry no topic
+MAX_PER_CLASS = 200
+# Class name -> top-level stdlib packages documenting it. Order fixes the label index.
+AREAS: dict[str, tuple[str, ...]] = {
+    "gui": ("tkinter", "turtle"),
+    "asyncio": ("asyncio",),
+    "email": ("email", "mailbox"),
+    "xml": ("xml", "xmlrpc"),
+    "testing": ("unittest", "doctest"),
+    "logging": ("logging",),
+    "web": ("http", "urllib", "wsgiref"),
+}
+AREA_OF_PACKAGE = {package: area for area, packages in AREAS.items() for package in packages}
+LABEL_NAMES = list(AREAS)
+
+
+def build_examples() -> list[dict[str, Any]]:
+    """Balanced rows of ``{"name", "text", "label"}``: each class keeps the same number of examples,
+    chosen by a hash so the choice does not depend on file order."""
+    candidates: dict[str, list[dict[str, Any]]] = {area: [] for area in AREAS}
+    for doc in all_docstrings():
+        area = AREA_OF_PACKAGE.get(doc.module.split(".")[0])
+        if area is None or len(doc.text) < MIN_CHARS:
+            continue
+        name = f"{doc.module}:{doc.qualname}"
+        candidates[area].append({"name": name, "text": doc.text, "label": LABEL_NAMES.index(area)})
+    per_class = min(MAX_PER_CLASS, *(len(rows) for rows in candidates.values()))
+    examples = []
+    for rows in candidates.values():
+        # Salted unlike the split key: the rows kept must not be biased towards the eval split.
+        rows.sort(key=lambda row: stable_fraction("keep\0" + example_key(row)))
+        examples.extend(rows[:per_class])
+    return examples
+
+
+def example_key(row: dict[str, Any]) -> str:
+    return row["name"] + "\0" + row["text"]
+
+
+_examples_in_process: dict[Path | None, list[dict[str, Any]]] = {}
+
+
+def examples(cache_dir: Path | None) -> list[dict[str, Any]]:
+    path = None if cache_dir is None else Path(cache_dir) / "datasets" / f"stdlib-topics-{PYTHON_TAG}.jsonl"
+    if path not in _examples_in_process:
+        _examples_in_process[path] = cached_rows(path, build_examples)
+    return _examples_in_process[path]
+
+
+class StdlibTopics(lowmem.Dataset):
+    name = "stdlib-topics"
+    description = f"stdlib docstrings labelled by library area ({len(AREAS)} balanced classes, offline)"
+    kind = lowmem.CLASSIFICATION
+
+    def label_names(self, request: lowmem.DataRequest) -> list[str]:
+        return list(LABEL_NAMES)
+
+    def records(self, request: lowmem.DataRequest) -> Iterator[dict[str, Any]]:
+        rows = select_split(examples(request.cache_dir), request.split, EVAL_FRACTION, key=example_key)
+        return text_records(shuffled(rows, request.seed, request.epoch))
+
+
+@lowmem.hookimpl
+def register_datasets(register):
+    register(StdlibTopics())

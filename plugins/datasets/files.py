@@ -63,6 +63,8 @@ def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
 
     builder = BUILDERS[path.suffix.lower()]
     options: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # lowmem shows its own progress; a bar per file is noise
     try:
         table = datasets.load_dataset(
             builder,
@@ -76,6 +78,9 @@ def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
         raise ConfigError(
             f"{path}: cannot read it as {builder} ({type(cause).__name__}: {_first_line(cause)})"
         ) from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     if "text" not in table.column_names:
         columns = ", ".join(table.column_names) or "none"
         raise ConfigError(f"{path}: no 'text' column (columns: {columns})")
@@ -88,6 +93,9 @@ def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"{path}: row {number}: 'label' must be an int or a string, got {row['label']!r}"
             )
+    if builder == "text":
+        # Paragraphs keep the newlines around them; a document is the paragraph itself.
+        rows = [{"text": row["text"].strip()} for row in rows]
     return [row for row in rows if row["text"].strip()]
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import lowmem
 from lowmem.plugins.datasets.common import cached_rows, select_split, shuffled, text_records
 
+# Part of the cache file name: bump it when the extraction changes, so old caches are ignored.
+FORMAT_VERSION = 1
 EVAL_FRACTION = 0.05
 # Folders whose files are test data, GUI demos or third-party code rather than library docs.
 SKIPPED_FOLDERS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
@@ -102,7 +104,11 @@ _documents_in_process: dict[Path | None, list[dict[str, Any]]] = {}
 
 def documents(cache_dir: Path | None) -> list[dict[str, Any]]:
     """The whole corpus, from the JSONL cache under ``cache_dir`` when there is one."""
-    path = None if cache_dir is None else Path(cache_dir) / "datasets" / f"stdlib-docs-{PYTHON_TAG}.jsonl"
+    path = (
+        None
+        if cache_dir is None
+        else Path(cache_dir) / "datasets" / f"stdlib-docs-v{FORMAT_VERSION}-{PYTHON_TAG}.jsonl"
+    )
     if path not in _documents_in_process:
         _documents_in_process[path] = cached_rows(path, build_documents)
     return _documents_in_process[path]

@@ -16,6 +16,8 @@ import lowmem
 from lowmem.plugins.datasets.common import cached_rows, select_split, shuffled, stable_fraction, text_records
 from lowmem.plugins.datasets.stdlib_docs import PYTHON_TAG, all_docstrings
 
+# Part of the cache file name: bump it when the extraction changes, so old caches are ignored.
+FORMAT_VERSION = 1
 EVAL_FRACTION = 0.10
 MIN_CHARS = 40  # shorter docstrings ("Return self.") carry no topic
 MAX_PER_CLASS = 200
@@ -33,16 +35,29 @@ AREA_OF_PACKAGE = {package: area for area, packages in AREAS.items() for package
 LABEL_NAMES = list(AREAS)
 
 
+def example_key(row: dict[str, Any]) -> str:
+    # The text alone: a docstring repeated by several overriding methods stays in one split.
+    return row["text"]
+
+
 def build_examples() -> list[dict[str, Any]]:
-    """Balanced rows of ``{"name", "text", "label"}``: each class keeps the same number of examples,
-    chosen by a hash so the choice does not depend on file order."""
-    candidates: dict[str, list[dict[str, Any]]] = {area: [] for area in AREAS}
+    """Balanced rows of ``{"name", "text", "label"}``: each class keeps the same number of distinct
+    docstrings, chosen by a hash so the choice does not depend on file order. A text found in two
+    areas is ambiguous and left out."""
+    areas_of_text: dict[str, set[str]] = {}
+    first_name: dict[str, str] = {}
     for doc in all_docstrings():
         area = AREA_OF_PACKAGE.get(doc.module.split(".")[0])
-        if area is None or len(doc.text) < MIN_CHARS:
-            continue
-        name = f"{doc.module}:{doc.qualname}"
-        candidates[area].append({"name": name, "text": doc.text, "label": LABEL_NAMES.index(area)})
+        if area is not None and len(doc.text) >= MIN_CHARS:
+            areas_of_text.setdefault(doc.text, set()).add(area)
+            first_name.setdefault(doc.text, f"{doc.module}:{doc.qualname}")
+    candidates: dict[str, list[dict[str, Any]]] = {area: [] for area in AREAS}
+    for text, areas in areas_of_text.items():
+        if len(areas) == 1:
+            (area,) = areas
+            candidates[area].append(
+                {"name": first_name[text], "text": text, "label": LABEL_NAMES.index(area)}
+            )
     per_class = min(MAX_PER_CLASS, *(len(rows) for rows in candidates.values()))
     examples = []
     for rows in candidates.values():
@@ -52,15 +67,15 @@ def build_examples() -> list[dict[str, Any]]:
     return examples
 
 
-def example_key(row: dict[str, Any]) -> str:
-    return row["name"] + "\0" + row["text"]
-
-
 _examples_in_process: dict[Path | None, list[dict[str, Any]]] = {}
 
 
 def examples(cache_dir: Path | None) -> list[dict[str, Any]]:
-    path = None if cache_dir is None else Path(cache_dir) / "datasets" / f"stdlib-topics-{PYTHON_TAG}.jsonl"
+    path = (
+        None
+        if cache_dir is None
+        else Path(cache_dir) / "datasets" / f"stdlib-topics-v{FORMAT_VERSION}-{PYTHON_TAG}.jsonl"
+    )
     if path not in _examples_in_process:
         _examples_in_process[path] = cached_rows(path, build_examples)
     return _examples_in_process[path]

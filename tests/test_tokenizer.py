@@ -12,7 +12,13 @@ from conftest import TINY_VOCAB, TinyModels
 import lowmem
 from lowmem import tokenizer as tokenizer_module
 from lowmem.registry import load_registry
-from lowmem.tokenizer import bpe_cache_folder, ensure_special_tokens, load_tokenizer, save_atomically, train_bpe
+from lowmem.tokenizer import (
+    bpe_cache_folder,
+    ensure_special_tokens,
+    load_tokenizer,
+    save_atomically,
+    train_bpe,
+)
 
 SAMPLE = "Return a new list containing all items from the iterable in ascending order."
 

@@ -30,6 +30,15 @@ TINY_CONFIG = {
 LR = {"baseline": 1e-2, "galore": 1e-2, "galore8bit": 1e-2, "lora": 1e-2, "lora+galore8bit": 3e-2}
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Width-32 models: thread start-up costs more than it saves (5-30x slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def plugin(name: str) -> lowmem.Optimizer:
     from lowmem.plugins.optimizers import baseline, galore, galore8bit, lora, lora_galore8bit
 

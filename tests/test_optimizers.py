@@ -174,6 +174,17 @@ def test_lora_classification_trains_the_head(name):
     assert all(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in head.items())
 
 
+def test_lora_masked_lm_adapts_the_body_only():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    model = RobertaForMaskedLM(RobertaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64))
+    settings = settings_for("lora", "roberta", objective=lowmem.MASKED_LM)
+    model = plugin("lora").prepare_model(model, settings)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and "lm_head" not in n for n in trainable)
+
+
 def test_lora_trainable_count_on_llama_60m_shape():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -355,6 +366,7 @@ def test_rank_larger_than_a_matrix_is_refused_at_build(name):
 
 
 # -- saving ----------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft calls it
 def test_lora_save_writes_adapter_and_merged_model(tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM

@@ -242,5 +242,134 @@ def config_show(name: Annotated[str, typer.Argument(help="An optimizer name")]) 
         typer.echo(json.dumps(optimizer.default_config, indent=2))
 
 
+# -- estimate, compare, plot --------------------------------------------------------------------
+def _size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from lowmem.config import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def estimate(
+    model: Annotated[str, Opt("--model", help="A registered model (lowmem list-models)")],
+    optimizer: Annotated[str | None, Opt("--optimizer", help="One optimizer (default: all, side by side)")] = None,
+    all_optimizers: Annotated[bool, Opt("--all", help="Every registered optimizer side by side")] = False,
+    mode: Annotated[str, Opt("--mode", callback=_choice(MODES))] = "pretraining",
+    batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=_positive_int)] = 1,
+    max_length: Annotated[int, Opt("--max_length", "--max-length", callback=_positive_int)] = 256,
+    dtype: Annotated[str, Opt("--dtype", callback=_choice(DTYPES))] = "bf16",
+    per_layer: Annotated[bool, Opt("--per-layer", "--per_layer", help="Per-layer mode (optimizers with a 'per_layer' setting)")] = False,
+    grad_accum: Annotated[int, Opt("--grad-accum", "--grad_accum", callback=_positive_int)] = 1,
+    device_memory: Annotated[str | None, Opt("--device-memory", "--device_memory", callback=_size, help="Say whether it fits: 24GB, 80GiB")] = None,
+    optimizer_config: Annotated[Path | None, Opt("--optimizer-config", "--optimizer_config", callback=_existing_file, help="JSON settings overriding the optimizer's defaults")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Estimate the memory training MODEL takes with each optimizer, without training (meta device)."""
+    with clean_errors():
+        from lowmem.config import DEFAULT_DATASETS, merge_optimizer_config, read_config_file
+        from lowmem.estimate import estimate as estimate_memory
+        from lowmem.estimate import print_estimates
+
+        reg = registry()
+        model_plugin = reg.model(model)
+        if optimizer is not None and all_optimizers:
+            raise ConfigError("give --optimizer or --all, not both")
+        names = [optimizer] if optimizer is not None else sorted(reg.optimizers)
+        file_data = read_config_file(optimizer_config) if optimizer_config is not None else None
+        dataset = reg.datasets.get(DEFAULT_DATASETS[mode])
+        objective = model_plugin.objective(mode, dataset.obj.kind if dataset else "text")
+        if max_length > model_plugin.max_positions:
+            raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows ({model_plugin.max_positions} positions)")
+        results: dict[str, Any] = {}
+        for name in names:
+            try:
+                optimizer_plugin = reg.optimizer(name)
+                files = [(str(optimizer_config), file_data)] if file_data is not None else []
+                config = merge_optimizer_config(optimizer_plugin, files)
+                results[name] = estimate_memory(
+                    model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
+                    max_length=max_length, dtype=dtype, optimizer_config=config, per_layer=per_layer,
+                    grad_accum=grad_accum,
+                )
+            except ConfigError as exc:
+                if optimizer is not None:
+                    raise
+                results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
+        print_estimates(results, device_memory, as_json=as_json)
+
+
+@app.command(context_settings={
+    "allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"],
+})
+def compare(
+    ctx: typer.Context,
+    optimizers: Annotated[str, Opt("--optimizers", help="Comma-separated optimizers, e.g. baseline,lora,galore")],
+    output_dir: Annotated[Path, Opt("--output-dir", "--output_dir", help="Parent folder: one run folder per optimizer, plus compare.json/.md/.png")],
+) -> None:
+    """Train with several optimizers under the same settings and compare them.
+
+    Takes every `lowmem train` option (--mode, --model, budgets, config files, ...)."""
+    with clean_errors():
+        from lowmem.compare import parse_optimizer_list
+
+        try:
+            names = parse_optimizer_list(optimizers)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--optimizers") from None
+        # Let `train` itself parse and check the remaining options: one definition of each.
+        train_command = typer.main.get_command(app).commands["train"]
+        train_args = [*ctx.args, "--optimizer", names[0]]
+        train_context = train_command.make_context("lowmem compare", train_args, parent=ctx)
+        params = dict(train_context.params)
+        if params.pop("nproc", 1) != 1:
+            raise ConfigError("compare runs on one process; --nproc is not supported here")
+        if params.get("output_dir") is not None or params.get("resume"):
+            raise ConfigError("compare chooses each run's folder under --output-dir; --resume is not supported")
+        for name in names:
+            registry().optimizer(name)  # unknown names fail before anything trains
+        from lowmem.compare import print_table, run_all, write_reports
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        results = run_all(params, names, output_dir, registry(), environ=dict(os.environ))
+        settings = {**params, "optimizers": names, "output_dir": str(output_dir)}
+        write_reports(output_dir, results, settings)
+        print_table(results, f"lowmem compare: {params['model']} ({params['mode']})")
+        from lowmem.plots import PlotUnavailable, write_compare_plot
+
+        try:
+            write_compare_plot(results, output_dir / "compare.png")
+            written = "compare.json, compare.md, compare.png"
+        except PlotUnavailable as exc:
+            typer.echo(f"note: {exc}; compare.png not written", err=True)
+            written = "compare.json, compare.md"
+        typer.echo(f"wrote {written} in {output_dir}")
+        if all(r.status != "ok" for r in results):
+            raise typer.Exit(1)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl)")],
+    output: Annotated[Path, Opt("--output", "-o", help="PNG file to write")] = Path("loss.png"),
+) -> None:
+    """Plot the training-loss curves of existing runs on one chart."""
+    with clean_errors():
+        for run_dir in run_dirs:
+            if not (run_dir / "metrics.jsonl").is_file():
+                raise ConfigError(f"{run_dir} has no metrics.jsonl: not a lowmem run folder")
+        from lowmem.plots import PlotUnavailable, write_loss_plot
+
+        try:
+            drawn = write_loss_plot(run_dirs, output)
+        except PlotUnavailable as exc:
+            raise ConfigError(str(exc)) from None
+        typer.echo(f"wrote {output} ({drawn} curve{'s' if drawn != 1 else ''})")
+
+
 def main() -> None:
     app(prog_name="lowmem")

@@ -6,6 +6,7 @@ for their parts and never branches on their names.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from contextlib import nullcontext
@@ -39,13 +40,14 @@ class Run:
     warmup_steps: int
     # Some optimizers (per-layer GaLore) update inside backward: nothing to unscale or clip.
     steps_in_backward: bool
+    dtype: str  # the resolved --dtype: bf16, fp16 or fp32
 
     def autocast(self):
         import torch
 
-        if self.config.dtype == "fp32":
+        if self.dtype == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.config.dtype == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
 
@@ -68,11 +70,29 @@ def resolve_device(name: str, dist: DistContext):
     return torch.device("cpu")
 
 
-def check_dtype(dtype: str, device) -> None:
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX; elsewhere (AVX2 only) autocast to
+    bf16 runs several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device) -> str:
+    """``auto`` picks what runs well on the device; an explicit choice the device cannot do is an error."""
     import torch
 
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if dtype == "auto":
+        if device.type == "cuda":
+            return "bf16" if cuda_bf16 else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if dtype == "bf16" and device.type == "cuda" and not cuda_bf16:
         raise ConfigError("--dtype bf16 is not supported by this GPU; use --dtype fp16 or fp32")
+    return dtype
 
 
 def warmup_cosine(total: int, warmup: int, period: int | None, min_ratio: float):
@@ -113,7 +133,7 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
     from lowmem.tokenizer import load_tokenizer
 
     device = resolve_device(config.device, dist)
-    check_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device)
     optimizer_plugin = registry.optimizer(config.optimizer)
     model_plugin = registry.model(config.model)
     cache_dir = Path(config.cache_dir)
@@ -129,7 +149,7 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
         rank=dist.rank, world_size=dist.world_size,
     )
     objective = model_plugin.objective(config.mode, dataset_kind(data))
-    data = DataSpec(**{**data.__dict__, "objective": objective})
+    data = dataclasses.replace(data, objective=objective)
     labels = label_names(data) if objective == CLASSIFICATION else []
 
     # The same seed before the model exists gives the same initial weights on every run and rank.
@@ -147,7 +167,7 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
     model = optimizer_plugin.prepare_model(model, settings).to(device)
     optimizer = optimizer_plugin.build(model, settings)
     steps_in_backward = bool(getattr(optimizer, "steps_in_backward", False))
-    if steps_in_backward and config.dtype == "fp16":
+    if steps_in_backward and dtype == "fp16":
         raise ConfigError(
             f"optimizer {config.optimizer!r} updates inside backward, where fp16 loss scaling cannot "
             "unscale first; use --dtype bf16 or fp32"
@@ -158,10 +178,10 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, warmup, config.tmax, config.min_lr_ratio)
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     return Run(
         config=config, device=device, tokenizer=tokenizer, data=data, objective=objective,
         label_names=labels, optimizer_plugin=optimizer_plugin, model=model,
         train_model=dist.wrap(model), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        total_steps=total, warmup_steps=warmup, steps_in_backward=steps_in_backward,
+        total_steps=total, warmup_steps=warmup, steps_in_backward=steps_in_backward, dtype=dtype,
     )

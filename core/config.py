@@ -17,7 +17,7 @@ from typing import Any
 from lowmem.api import ConfigError, Optimizer
 
 MODES = ("pretraining", "finetuning")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
 # --test caps: the seed's ~1000 pretraining tokens, a few finetuning batches.
 TEST_TOKENS = 1000
@@ -38,7 +38,7 @@ class TrainConfig:
     num_training_tokens: int = 1_000_000_000
     max_steps: int | None = None  # optimizer steps; caps either mode
     shuffle: bool = True
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto: bf16 where it is fast (CUDA, AVX512-BF16/AMX CPUs), else fp16/fp32
     lr: float = 4e-4
     weight_decay: float = 0.01
     # Cosine period in optimizer steps after warm-up; None = the whole run. (The seed

@@ -81,7 +81,7 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
         say(f"resumed from {checkpoint_path} at step {state.step} ({state.tokens:,} tokens)")
     trainable, total_params = memory.parameter_counts(run.model)
     files.write_config(config, {
-        "device": str(run.device), "world_size": dist.world_size, "objective": run.objective,
+        "device": str(run.device), "resolved_dtype": run.dtype, "world_size": dist.world_size, "objective": run.objective,
         "total_steps": run.total_steps, "warmup_steps": run.warmup_steps, "label_names": run.label_names,
         "versions": library_versions(), "plugins": {p.name: p.origin for p in registry.plugins},
     })

@@ -23,6 +23,10 @@ import torch
 
 
 class PerLayerOptimizer(torch.optim.Optimizer):
+    # Tells the training loop that updates happen inside backward: there is no moment to
+    # unscale (fp16) or clip gradients, so it refuses fp16 instead of stepping on scaled grads.
+    steps_in_backward = True
+
     def __init__(
         self,
         param_groups: list[dict[str, Any]],

@@ -1,9 +1,9 @@
 """Which tokenizer a run uses, and the offline fallback: a byte-level BPE trained on the embedded
 corpus to exactly the model's vocabulary size.
 
-Order: ``--tokenizer``; a tokenizer saved with ``--model-path``; the model's own tokenizer if it is
-already in the local Hugging Face cache; else the BPE, trained once and cached. The hub is only
-contacted for ids the user typed.
+Order: ``--tokenizer``; the tokenizer of ``--model-path`` (saved in that folder, or of that hub
+id); the model's own tokenizer if it is already in the local Hugging Face cache; else the BPE,
+trained once and cached. The hub is only contacted for ids the user typed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ def load_tokenizer(
     loaded = None
     if tokenizer is not None:
         loaded = _load_named(tokenizer, option="--tokenizer")
-    elif model_path is not None and has_tokenizer_files(model_path):
+    elif model_path is not None and (
+        has_tokenizer_files(model_path) or not Path(model_path).expanduser().exists()
+    ):
+        # A local folder saved with its tokenizer, or a hub id the user typed: weights and
+        # tokenizer must come from the same place, or every embedding row means something else.
         loaded = _load_named(model_path, option="--model-path")
     elif model_plugin.tokenizer_id is not None:
         loaded = cached_hub_tokenizer(model_plugin.tokenizer_id)

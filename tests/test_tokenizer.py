@@ -115,3 +115,9 @@ def test_saving_into_an_existing_cache_folder_keeps_it_intact(registry, cache_di
     save_atomically(tok, target)  # a second process finishing later must not fail or corrupt it
     assert (target / "tokenizer.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["bpe"]
+
+
+def test_a_model_path_hub_id_brings_its_own_tokenizer_or_a_clear_error_offline(registry, cache_dir):
+    # Weights and tokenizer must match: no silent fallback to the BPE for a named checkpoint.
+    with pytest.raises(lowmem.ConfigError, match="--model-path someone/missing-model"):
+        fallback(registry, cache_dir, model_path="someone/missing-model")

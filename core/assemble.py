@@ -128,6 +128,7 @@ def plan_steps(config: TrainConfig, data, world_size: int) -> int:
 
 def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -> Run:
     import torch
+
     from lowmem.data import DataSpec, dataset_kind, label_names
     from lowmem.modeling import resolve_weights
     from lowmem.tokenizer import load_tokenizer

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from lowmem.api import ConfigError
 from lowmem.config import DTYPES, MODES, ON_NONFINITE, parse_bool, parse_count
 from lowmem.registry import BUILT_IN, Registry, load_registry

@@ -263,6 +263,7 @@ def evaluate(run: Run) -> dict[str, float]:
     """Loss over the held-out split weighted by real target tokens (padding excluded), with
     perplexity for language modelling and accuracy for classification."""
     import torch
+
     from lowmem.data import eval_batches
 
     run.train_model.eval()

@@ -23,24 +23,29 @@ def unique_tensor_bytes(tensors: Iterable[Any]) -> int:
     return sum(seen.values())
 
 
-def iter_tensors(value: Any) -> Iterable[Any]:
-    """Every tensor inside nested dicts, lists and tuples."""
+def iter_tensors(value: Any, _depth: int = 0) -> Iterable[Any]:
+    """Every tensor inside nested dicts, lists, tuples and plain objects (GaLore keeps its
+    projection matrix on a projector object inside the optimizer state)."""
     import torch
 
+    if _depth > 8:
+        return
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):
         for item in value.values():
-            yield from iter_tensors(item)
+            yield from iter_tensors(item, _depth + 1)
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from iter_tensors(item)
+            yield from iter_tensors(item, _depth + 1)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        yield from iter_tensors(vars(value), _depth + 1)
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes held in optimizer state: every tensor its ``state_dict()['state']`` exposes
-    (lowmem's optimizers expose projection matrices and 8-bit maps there too)."""
-    return unique_tensor_bytes(iter_tensors(optimizer.state_dict()["state"]))
+    """Bytes held in ``optimizer.state``: distinct tensor storages, projector objects included,
+    storages shared by several entries (bitsandbytes' quantile maps) counted once."""
+    return unique_tensor_bytes(iter_tensors(list(optimizer.state.values())))
 
 
 def parameter_bytes(model) -> int:

@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
+
 from lowmem import hookspecs
 from lowmem.api import ConfigError, Dataset, Model, Optimizer
 

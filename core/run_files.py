@@ -95,9 +95,10 @@ class RunFiles:
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:
     """The end-of-run table, on stdout: results are output, progress is not."""
-    from lowmem.progress import human_bytes
     from rich.console import Console
     from rich.table import Table
+
+    from lowmem.progress import human_bytes
 
     table = Table(title=f"lowmem run: {summary.get('model')} / {summary.get('optimizer')}")
     table.add_column("metric")

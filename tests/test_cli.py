@@ -46,7 +46,7 @@ def test_parse_count(text, value):
     assert parse_count(text) == value
 
 
-BASE = ["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama"]
+BASE = ["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama", "--max_length", "64"]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -104,7 +104,7 @@ def test_lora_galore8bit_moments_are_low_rank():
 def test_galore8bit_on_cuda(per_layer):
     from test_optimizers import plugin, settings_for, tiny_llama
 
-    from lowmem.plugins.optimizers.galore_common import measured_state_bytes
+    from lowmem.memory import optimizer_state_bytes as measured_state_bytes
 
     settings = settings_for("galore8bit", config={**EIGHT_BIT, "per_layer": per_layer})
     optimizer_plugin = plugin("galore8bit")

@@ -220,7 +220,7 @@ def test_galore_keeps_roberta_classifier_out_of_projection():
 @pytest.mark.parametrize("model_key", ["llama", "gpt2"])
 @pytest.mark.parametrize("name", NAMES)
 def test_state_bytes_estimate_equals_measured(name, model_key, per_layer):
-    from lowmem.plugins.optimizers.galore_common import measured_state_bytes
+    from lowmem.memory import optimizer_state_bytes as measured_state_bytes
 
     if per_layer and "galore" not in name:
         pytest.skip("per-layer mode is a GaLore option")

@@ -216,25 +216,3 @@ def galore_state_bytes(
             total += 2 * moment_numel * 4
     return total + (BNB_QMAP_BYTES if any_8bit else 0)
 
-
-def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct tensor storages reachable from ``optimizer.state`` (projector
-    objects included); a storage shared by several entries (bitsandbytes' maps) counts once."""
-    seen: dict[tuple[str, int], int] = {}
-
-    def visit(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            seen[(str(value.device), storage.data_ptr())] = storage.nbytes()
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                visit(item)
-        elif isinstance(value, GaLoreProjector):
-            visit(value.ortho_matrix)
-
-    for per_param in optimizer.state.values():
-        visit(per_param)
-    return sum(seen.values())

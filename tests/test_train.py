@@ -1,0 +1,165 @@
+"""End to end through the CLI on tiny registered models: outputs, falling loss, reloadable models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+OPTIMIZERS = ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"]
+SUMMARY_KEYS = {"final_loss", "eval_loss", "steps", "tokens", "wall_seconds", "tokens_per_second", "param_bytes",
+                "grad_bytes", "optimizer_state_bytes", "trainable_params", "total_params", "peak_rss_bytes"}
+
+
+def small_configs(tmp_path: Path) -> list[str]:
+    """Settings that fit width-32 models: GaLore rank 4 (below LoRA's r 8), frequent refresh."""
+    galore = tmp_path / "galore.json"
+    galore.write_text(json.dumps({"rank": 4, "update_proj_gap": 5, "scale": 1.0}))
+    return ["--galore_config", str(galore)]
+
+
+def pretrain_args(tmp_path: Path, optimizer: str, out: str = "run", tokens: int = 3000, extra=()) -> list[str]:
+    return ["train", "--mode", "pretraining", "--optimizer", optimizer, "--model", "tiny-llama",
+            "--batch_size", "4", "--max_length", "32", "--num_training_tokens", str(tokens), "--lr", "3e-3",
+            "--dtype", "fp32", "--log-every", "1", "--eval-batches", "2", "--output-dir", str(tmp_path / out),
+            *small_configs(tmp_path), *extra]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run) if "loss" in row]
+
+
+def assert_loss_falls(run: Path) -> None:
+    losses = train_losses(run)
+    assert all(math.isfinite(loss) for loss in losses)
+    head, tail = losses[: max(1, len(losses) // 4)], losses[-max(1, len(losses) // 4):]
+    assert sum(tail) / len(tail) < sum(head) / len(head), losses
+
+
+def reload_matches_checkpoint(run: Path, auto_class) -> None:
+    """The saved Hugging Face model gives the logits the trained weights (last checkpoint) give."""
+    import safetensors.torch
+    import torch
+
+    from lowmem.api import ModelRequest, OptimizerSettings
+    from lowmem.cli import registry
+
+    config = json.loads((run / "config.json").read_text())
+    reg = registry()
+    plugin = reg.model(config["model"])
+    optimizer = reg.optimizer(config["optimizer"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    request = ModelRequest(objective=config["objective"], vocab_size=len(tokenizer),
+                           num_labels=len(config["label_names"]), pad_token_id=tokenizer.pad_token_id)
+    settings = OptimizerSettings(lr=1e-3, config=config["optimizer_config"], target_modules=plugin.target_modules,
+                                 objective=config["objective"], max_grad_norm=config["max_grad_norm"])
+    in_memory = optimizer.prepare_model(plugin.build(request), settings)
+    last = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1]
+    safetensors.torch.load_model(in_memory, str(last / "model.safetensors"), strict=False)
+    reloaded = auto_class.from_pretrained(run / "model")
+    ids = tokenizer("def f(x): return x", return_tensors="pt")["input_ids"]
+    in_memory.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_pretraining_every_optimizer(cli, tmp_path, optimizer):
+    from transformers import AutoModelForCausalLM
+
+    result = cli(*pretrain_args(tmp_path, optimizer))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and "eval_perplexity" in summary
+    assert 3000 <= summary["tokens"] <= 3000 + 32  # budget honoured to one block
+    assert summary["optimizer_state_bytes"] > 0 and summary["trainable_params"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["optimizer"] == optimizer and "versions" in config and config["world_size"] == 1
+    rows = read_metrics(run)
+    assert {"step", "tokens", "loss", "lr", "tokens_per_second"} <= set(rows[0])
+    assert any("eval_perplexity" in row for row in rows)
+    assert_loss_falls(run)
+    reload_matches_checkpoint(run, AutoModelForCausalLM)
+    if optimizer.startswith("lora"):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(run / "model")
+        assert isinstance(PeftModel.from_pretrained(base, run / "model" / "adapter"), PeftModel)
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta_weights(tmp_path_factory):
+    """A 'pretrained' tiny RoBERTa folder (random masked-LM weights) for finetuning to start from."""
+    from conftest import TINY_VOCAB, tiny_model_classes
+
+    from lowmem.api import MASKED_LM, ModelRequest
+
+    folder = tmp_path_factory.mktemp("tiny-roberta-base")
+    roberta = tiny_model_classes()[2]()
+    roberta.build(ModelRequest(objective=MASKED_LM, vocab_size=TINY_VOCAB, pad_token_id=1)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_finetuning_classification_every_optimizer(cli, tmp_path, optimizer, tiny_roberta_weights):
+    from transformers import AutoModelForSequenceClassification
+
+    result = cli("train", "--model-path", str(tiny_roberta_weights), "--mode", "finetuning", "--optimizer", optimizer, "--model", "tiny-roberta",
+                 "--batch_size", "8", "--max_length", "64", "--num_epochs", "1", "--max-steps", "12",
+                 "--lr", "3e-3", "--dtype", "fp32", "--log-every", "1", "--eval-batches", "2", "--test", "false",
+                 "--output-dir", str(tmp_path / "run"), *small_configs(tmp_path))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["steps"] == 12
+    assert_loss_falls(run)
+    reload_matches_checkpoint(run, AutoModelForSequenceClassification)
+
+
+def test_same_seed_same_losses(cli, tmp_path):
+    for out in ("a", "b"):
+        assert cli(*pretrain_args(tmp_path, "galore", out=out, tokens=1500)).exit_code == 0
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+
+
+def test_fp16_runs_with_a_loss_scaler(cli, tmp_path):
+    args = pretrain_args(tmp_path, "baseline", tokens=1500)
+    args[args.index("--dtype") + 1] = "fp16"
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert state["scaler"]["scale"] > 0
+
+
+def test_per_layer_galore_with_accumulation(cli, tmp_path):
+    config = tmp_path / "per_layer.json"
+    config.write_text(json.dumps({"rank": 4, "update_proj_gap": 5, "per_layer": True}))
+    result = cli(*pretrain_args(tmp_path, "galore8bit", tokens=3000,
+                                extra=["--optimizer-config", str(config), "--grad-accum", "2", "--max-grad-norm", "0"]))
+    assert result.exit_code == 0, result.output
+    assert_loss_falls(tmp_path / "run")
+
+
+def test_per_layer_refuses_clipping(cli, tmp_path):
+    config = tmp_path / "per_layer.json"
+    config.write_text(json.dumps({"rank": 4, "per_layer": True}))
+    result = cli(*pretrain_args(tmp_path, "galore", extra=["--optimizer-config", str(config)]))
+    assert result.exit_code == 2 and "max-grad-norm" in result.output
+
+
+def test_test_mode_smoke_on_embedded_data(cli, tmp_path):
+    result = cli("train", "--mode", "pretraining", "--optimizer", "galore", "--model", "tiny-llama",
+                 "--test", "true", "--output-dir", str(tmp_path / "run"), *small_configs(tmp_path))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 1000 <= summary["tokens"] <= 1000 + 32 and (tmp_path / "run" / "model" / "config.json").exists()

@@ -17,6 +17,17 @@ import pytest  # noqa: E402
 
 import lowmem  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Width-32 models run several times faster on one thread than on two busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TINY_VOCAB = 384
 
 

@@ -133,6 +133,9 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
     from lowmem.modeling import resolve_weights
     from lowmem.tokenizer import load_tokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lowmem shows its own progress; HF's bars would interleave
     device = resolve_device(config.device, dist)
     dtype = resolve_dtype(config.dtype, device)
     optimizer_plugin = registry.optimizer(config.optimizer)
@@ -156,17 +159,20 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
     # The same seed before the model exists gives the same initial weights on every run and rank.
     seed_everything(config.seed)
     weights = resolve_weights(model_plugin, config.mode, config.model_path, config.test, warn)
-    model = model_plugin.build(ModelRequest(
-        objective=objective, vocab_size=len(tokenizer), num_labels=len(labels), weights=weights,
-        pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
-    ))
+    with registry.guard(model_plugin, "build"):
+        model = model_plugin.build(ModelRequest(
+            objective=objective, vocab_size=len(tokenizer), num_labels=len(labels), weights=weights,
+            pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
+        ))
     settings = OptimizerSettings(
         lr=config.lr, weight_decay=config.weight_decay, config=dict(config.optimizer_config),
         target_modules=tuple(model_plugin.target_modules), objective=objective,
         grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm, world_size=dist.world_size,
     )
-    model = optimizer_plugin.prepare_model(model, settings).to(device)
-    optimizer = optimizer_plugin.build(model, settings)
+    with registry.guard(optimizer_plugin, "prepare_model"):
+        model = optimizer_plugin.prepare_model(model, settings).to(device)
+    with registry.guard(optimizer_plugin, "build"):
+        optimizer = optimizer_plugin.build(model, settings)
     steps_in_backward = bool(getattr(optimizer, "steps_in_backward", False))
     if steps_in_backward and dtype == "fp16":
         raise ConfigError(

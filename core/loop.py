@@ -20,19 +20,15 @@ from lowmem.assemble import Run, assemble
 from lowmem.config import TrainConfig
 from lowmem.distributed import DistContext
 from lowmem.progress import Progress
-from lowmem.registry import Registry
+from lowmem.registry import PluginFault, Registry
 from lowmem.run_files import RunFiles, library_versions, print_summary
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+EXIT_OK, EXIT_PLUGIN_FAULT, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 1, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class NonFiniteError(RuntimeError):
     """Loss or gradient norm became NaN or infinite; the update was not applied."""
-
-
-class PluginFault(RuntimeError):
-    """A plugin raised while the run was going on."""
 
 
 def run_training(config: TrainConfig, registry: Registry, environ: dict[str, str] | None = None) -> int:
@@ -52,6 +48,9 @@ def run_training(config: TrainConfig, registry: Registry, environ: dict[str, str
     except NonFiniteError as exc:
         say(f"error: {exc}")
         return EXIT_NONFINITE
+    except PluginFault as exc:
+        say(f"error: {exc} (the last checkpoint is intact)")
+        return EXIT_PLUGIN_FAULT
     finally:
         dist.close()
 
@@ -113,11 +112,12 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
         """The next batch of this rank, moving to the next epoch when one ends. None when the
         data is done (finetuning epochs) or any rank ran out (so all ranks stop together)."""
         nonlocal batches
-        batch = next(batches, None)
-        if batch is None and pretraining:  # pretraining cycles over the corpus until the budget
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            batches = iter(train_batches(run.data, state.epoch))
+        with registry.guard(run.data.dataset, "records"):
             batch = next(batches, None)
+            if batch is None and pretraining:  # pretraining cycles over the corpus until the budget
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                batches = iter(train_batches(run.data, state.epoch))
+                batch = next(batches, None)
         if not dist.all_true(batch is not None, run.device):
             return None
         state.batch_in_epoch += dist.world_size
@@ -233,7 +233,8 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
     resume.save(run, state, dist, run_dir)
     if dist.is_main:
         model_dir = run_dir / "model"
-        run.optimizer_plugin.save_model(run.model, model_dir)
+        with registry.guard(run.optimizer_plugin, "save_model"):
+            run.optimizer_plugin.save_model(run.model, model_dir)
         run.tokenizer.save_pretrained(str(model_dir))
     last_losses = _logged_losses(files)
     summary = {

@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -25,6 +26,10 @@ HOOKS: dict[str, tuple[str, type]] = {
     "register_datasets": ("datasets", Dataset),
 }
 KIND_OF = {"optimizers": "optimizer", "models": "model", "datasets": "dataset"}
+
+
+class PluginFault(RuntimeError):
+    """A plugin raised while lowmem was using it."""
 
 
 @dataclass
@@ -140,6 +145,25 @@ class Registry:
                 "or choose plugins with LOWMEM_LOAD_PLUGINS"
             )
         return entry.obj
+
+    def describe(self, obj: Any) -> str:
+        """'name' (origin) of a registered object, for messages."""
+        for attr in KIND_OF:
+            for name, entry in getattr(self, attr).items():
+                if entry.obj is obj:
+                    return f"{KIND_OF[attr]} {name!r} ({entry.origin})"
+        return repr(obj)
+
+    @contextmanager
+    def guard(self, obj: Any, method: str):
+        """Turn an unexpected exception from plugin code into a PluginFault naming the plugin
+        and the method, so a run stops with one clear line instead of a traceback."""
+        try:
+            yield
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any plugin failure
+            raise PluginFault(f"{self.describe(obj)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
 
     def optimizer(self, name: str) -> Optimizer:
         return self.get("optimizers", name)

@@ -1,0 +1,221 @@
+"""Faults injected for real: NaN losses, fp16 overflow, corrupt and malicious checkpoints, a full
+disk, remote code, a plugin that breaks mid-run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import TinyModels, tiny_model_classes
+from test_train import pretrain_args, read_metrics
+
+import lowmem
+
+
+def poisoned_llama(name: str, at_call: int, factor: float):
+    """A tiny llama whose loss is multiplied by ``factor`` on its ``at_call``-th training forward."""
+    base = tiny_model_classes()[0]
+
+    class Poisoned(base):
+        def build(self, request):
+            model = super().build(request)
+            original, calls = model.forward, [0]
+
+            def forward(*args, **kwargs):
+                output = original(*args, **kwargs)
+                if model.training:
+                    calls[0] += 1
+                    if calls[0] == at_call:
+                        output.loss = output.loss * factor
+                return output
+
+            model.forward = forward
+            return model
+
+    Poisoned.name = name
+    return Poisoned()
+
+
+class Faulty:
+    @lowmem.hookimpl
+    def register_models(self, register):
+        register(poisoned_llama("nan-at-5", 5, float("nan")))
+        register(poisoned_llama("overflow-at-3", 3, 1e9))
+
+    @lowmem.hookimpl
+    def register_datasets(self, register):
+        register(BreaksMidRun())
+
+
+class BreaksMidRun(lowmem.Dataset):
+    name = "breaks-mid-run"
+    description = "yields some documents, then raises"
+
+    def records(self, request):
+        for i in range(30 if request.split == "train" else 4):
+            yield {"text": f"document number {i} " * 20}
+        if request.split == "train":
+            raise OSError("the network share went away")
+
+
+@pytest.fixture
+def faulty_cli(cli, monkeypatch):
+    from lowmem import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "EXTRA_PLUGINS", [TinyModels(), Faulty()])
+    cli_module.reset_registry()
+    return cli
+
+
+def with_model(args: list[str], model: str) -> list[str]:
+    args = list(args)
+    args[args.index("--model") + 1] = model
+    return args
+
+
+def all_finite(checkpoint: Path) -> bool:
+    import safetensors.torch
+    import torch
+
+    from lowmem.checkpoint import load_tensors
+    from lowmem.memory import iter_tensors
+
+    tensors = [*safetensors.torch.load_file(str(checkpoint / "model.safetensors")).values(),
+               *iter_tensors(load_tensors(checkpoint / "optimizer.pt"))]
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors if t.is_floating_point())
+
+
+def test_nan_loss_stops_before_the_update(faulty_cli, tmp_path):
+    from lowmem.checkpoint import complete_checkpoints, verify
+
+    args = with_model(pretrain_args(tmp_path, "galore", tokens=3000, extra=["--save-every", "2"]), "nan-at-5")
+    result = faulty_cli(*args)
+    assert result.exit_code == 3, result.output
+    assert "non-finite loss at step 5" in result.output and "Traceback" not in result.output
+    saved = complete_checkpoints(tmp_path / "run")
+    assert [p.name for p in saved] == ["step-2", "step-4"]
+    for checkpoint in saved:
+        verify(checkpoint)
+        assert all_finite(checkpoint)
+
+
+def test_nan_loss_skip_keeps_parameters_and_schedule(faulty_cli, tmp_path):
+    args = with_model(pretrain_args(tmp_path, "baseline", tokens=1500, extra=["--on-nonfinite", "skip"]), "nan-at-5")
+    result = faulty_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "non-finite loss at step 5; update skipped" in result.output
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # the skipped batch is not a step
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert state["scheduler"]["last_epoch"] == state["state"]["step"]
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_without_advancing_the_schedule(faulty_cli, tmp_path):
+    args = with_model(pretrain_args(tmp_path, "baseline", tokens=1500), "overflow-at-3")
+    args[args.index("--dtype") + 1] = "fp16"
+    result = faulty_cli(*args)
+    assert result.exit_code == 0, result.output
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert state["scaler"]["scale"] < 2.0**16  # the scaler saw inf gradients and backed off
+    assert state["scheduler"]["last_epoch"] == state["state"]["step"] - 1
+
+
+def _two_checkpoints(cli, tmp_path) -> tuple[list[str], list[Path]]:
+    from lowmem.checkpoint import complete_checkpoints
+
+    args = pretrain_args(tmp_path, "galore8bit", tokens=1600, extra=["--save-every", "3", "--keep-checkpoints", "5"])
+    assert cli(*args).exit_code == 0
+    return args, complete_checkpoints(tmp_path / "run")
+
+
+def test_corrupt_checkpoint_is_named_and_latest_falls_back(cli, tmp_path):
+    args, saved = _two_checkpoints(cli, tmp_path)
+    newest = saved[-1]
+    data = bytearray((newest / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "optimizer.pt").write_bytes(bytes(data))
+
+    direct = cli(*args, "--resume", str(newest))
+    assert direct.exit_code == 2
+    assert str(newest / "optimizer.pt") in direct.output and "checksum" in direct.output
+
+    latest = cli(*args, "--resume", "latest")
+    assert latest.exit_code == 0, latest.output
+    assert str(newest / "optimizer.pt") in latest.output and f"resumed from {saved[-2]}" in latest.output
+
+
+def test_truncated_checkpoint_file_is_detected(cli, tmp_path):
+    args, saved = _two_checkpoints(cli, tmp_path)
+    weights = saved[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = cli(*args, "--resume", str(saved[-1]))
+    assert result.exit_code == 2 and str(weights) in result.output
+
+
+class Payload:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(cli, tmp_path):
+    import hashlib
+
+    import torch
+
+    args, saved = _two_checkpoints(cli, tmp_path)
+    newest, marker = saved[-1], tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [], "x": Payload(marker)}, newest / "optimizer.pt")
+    # The attacker also fixes the manifest, so only the loader stands in the way.
+    manifest = json.loads((newest / "manifest.json").read_text())
+    content = (newest / "optimizer.pt").read_bytes()
+    manifest["files"]["optimizer.pt"] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    result = cli(*args, "--resume", str(newest))
+    assert result.exit_code == 2 and "not plain tensors" in result.output
+    assert not marker.exists()
+
+
+def test_full_disk_during_a_save_names_the_path_and_keeps_the_previous(cli, tmp_path, monkeypatch):
+    from lowmem.checkpoint import complete_checkpoints, verify
+
+    monkeypatch.setenv("LOWMEM_FAULT_DISK_FULL_AT", "files@6")
+    args = pretrain_args(tmp_path, "baseline", tokens=3000, extra=["--save-every", "3"])
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert "No space left on device" in result.output and str(tmp_path / "run" / "checkpoints") in result.output
+    saved = complete_checkpoints(tmp_path / "run")
+    assert [p.name for p in saved] == ["step-3"] and verify(saved[0])
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_remote_code_model_folder_is_refused(cli, tmp_path):
+    folder = tmp_path / "sneaky"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_sneaky.SneakyForCausalLM"}}))
+    (folder / "modeling_sneaky.py").write_text("raise SystemExit('remote code ran')\n")
+    result = cli("train", "--mode", "finetuning", "--optimizer", "baseline", "--model", "tiny-llama",
+                 "--dataset", "stdlib-docs", "--model-path", str(folder), "--max_length", "32",
+                 "--output-dir", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "--trust-remote-code" in result.output
+
+
+def test_plugin_failing_mid_run_is_named(faulty_cli, tmp_path):
+    from lowmem.checkpoint import complete_checkpoints, verify
+
+    args = pretrain_args(tmp_path, "baseline", tokens=10**6, extra=["--dataset", "breaks-mid-run", "--save-every", "1"])
+    result = faulty_cli(*args)
+    assert result.exit_code == 1, result.output
+    assert "dataset 'breaks-mid-run'" in result.output and "records()" in result.output
+    assert "the network share went away" in result.output and "Traceback" not in result.output
+    assert all(verify(p) for p in complete_checkpoints(tmp_path / "run"))

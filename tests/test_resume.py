@@ -1,0 +1,193 @@
+"""Exact resume: a run continued from a checkpoint is bit-identical to one never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import pretrain_args, read_metrics
+
+TESTS = Path(__file__).resolve().parent
+
+
+def final_tensors(run: Path):
+    import safetensors.torch
+
+    from lowmem.checkpoint import complete_checkpoints, load_tensors
+
+    last = complete_checkpoints(run)[-1]
+    return safetensors.torch.load_file(str(last / "model.safetensors")), load_tensors(last / "optimizer.pt")
+
+
+def assert_same_tensors(a, b, where=""):
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_runs_identical(reference: Path, resumed: Path) -> None:
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(reference)
+    (weights_a, optim_a), (weights_b, optim_b) = final_tensors(reference), final_tensors(resumed)
+    assert_same_tensors(weights_a, weights_b, "model")
+    assert_same_tensors(optim_a, optim_b, "optimizer")
+
+
+def interrupted_copy(reference: Path, target: Path, step: int) -> Path:
+    """What a run killed right after checkpoint ``step`` leaves behind: its files and that checkpoint."""
+    target.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(reference / name, target / name)
+    (target / "checkpoints").mkdir()
+    shutil.copytree(reference / "checkpoints" / f"step-{step}", target / "checkpoints" / f"step-{step}")
+    return target
+
+
+def resume_args(args: list[str], out: Path) -> list[str]:
+    args = list(args)
+    args[args.index("--output-dir") + 1] = str(out)
+    return [*args, "--resume", "latest"]
+
+
+CASES = {
+    "baseline": [],
+    "lora": [],
+    "galore": [],
+    "galore8bit": [],
+    "lora+galore8bit": [],
+    "galore-accum": ["--grad-accum", "2"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_is_bitwise_identical(cli, tmp_path, case):
+    optimizer = case.split("-")[0]
+    args = pretrain_args(tmp_path, optimizer, out="reference", tokens=2600,
+                         extra=["--save-every", "3", "--keep-checkpoints", "10", *CASES[case]])
+    assert cli(*args).exit_code == 0
+    resumed = interrupted_copy(tmp_path / "reference", tmp_path / "resumed", step=3)
+    result = cli(*resume_args(args, resumed))
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output
+    assert_runs_identical(tmp_path / "reference", resumed)
+
+
+def test_resume_per_layer_galore(cli, tmp_path):
+    config = tmp_path / "per_layer.json"
+    config.write_text(json.dumps({"rank": 4, "update_proj_gap": 2, "per_layer": True}))
+    args = pretrain_args(tmp_path, "galore8bit", out="reference", tokens=2600,
+                         extra=["--optimizer-config", str(config), "--max-grad-norm", "0", "--grad-accum", "2",
+                                "--save-every", "2", "--keep-checkpoints", "10"])
+    assert cli(*args).exit_code == 0
+    resumed = interrupted_copy(tmp_path / "reference", tmp_path / "resumed", step=2)
+    assert cli(*resume_args(args, resumed)).exit_code == 0
+    assert_runs_identical(tmp_path / "reference", resumed)
+
+
+def test_resume_mid_epoch_finetuning_with_shuffle(cli, tmp_path):
+    """A 40-row CSV in batches of 8: 5 batches an epoch, so step 7 is in the middle of epoch 2."""
+    data = tmp_path / "reviews.csv"
+    rows = ["text,label"] + [f"\"{'good fine great' if i % 2 else 'bad awful poor'} item {i}\",{'pos' if i % 2 else 'neg'}"
+                             for i in range(44)]
+    data.write_text("\n".join(rows) + "\n")
+    args = ["train", "--mode", "finetuning", "--optimizer", "galore", "--model", "tiny-gpt2", "--dataset", str(data),
+            "--batch_size", "8", "--max_length", "32", "--num_epochs", "3", "--lr", "3e-3", "--dtype", "fp32",
+            "--log-every", "1", "--eval-batches", "1", "--save-every", "7", "--keep-checkpoints", "5",
+            "--output-dir", str(tmp_path / "reference"), "--galore_config", str(_galore_file(tmp_path)),
+            "--model-path", str(_tiny_gpt2_weights(tmp_path))]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    resumed = interrupted_copy(tmp_path / "reference", tmp_path / "resumed", step=7)
+    assert cli(*resume_args(args, resumed)).exit_code == 0
+    assert_runs_identical(tmp_path / "reference", resumed)
+
+
+def _galore_file(tmp_path: Path) -> Path:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"rank": 4, "update_proj_gap": 3}))
+    return path
+
+
+def _tiny_gpt2_weights(tmp_path: Path) -> Path:
+    from conftest import TINY_VOCAB, tiny_model_classes
+
+    from lowmem.api import CAUSAL_LM, ModelRequest
+
+    folder = tmp_path / "gpt2-weights"
+    tiny_model_classes()[1]().build(ModelRequest(objective=CAUSAL_LM, vocab_size=TINY_VOCAB)).save_pretrained(folder)
+    return folder
+
+
+def test_incompatible_resume_is_refused(cli, tmp_path):
+    args = pretrain_args(tmp_path, "galore", out="run", tokens=600)
+    assert cli(*args).exit_code == 0
+    other = resume_args(args, tmp_path / "run")
+    other[other.index("--optimizer") + 1] = "baseline"
+    result = cli(*other)
+    assert result.exit_code == 2 and "cannot resume" in result.output and "optimizer" in result.output
+
+
+# -- real processes: kill -9 during a save, SIGTERM ---------------------------------------------
+def run_lowmem(args: list[str], env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """lowmem's CLI in a fresh process, with the tiny test models registered as a plugin."""
+    code = ("import sys; sys.path.insert(0, %r); import conftest; from lowmem import cli; "
+            "cli.EXTRA_PLUGINS.append(conftest.TinyModels()); sys.argv = ['lowmem'] + sys.argv[1:]; "
+            "import torch; torch.set_num_threads(1); cli.main()") % str(TESTS)
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.parametrize("stage", ["files", "manifest", "rename"])
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(cli, tmp_path, stage):
+    from lowmem.checkpoint import complete_checkpoints, verify
+
+    args = pretrain_args(tmp_path, "galore8bit", out="reference", tokens=2600,
+                         extra=["--save-every", "3", "--keep-checkpoints", "10"])
+    assert cli(*args).exit_code == 0
+    victim_args = resume_args(args, tmp_path / "victim")[:-2]  # the same run, in another folder
+    victim = run_lowmem(victim_args, {"LOWMEM_FAULT_KILL_AT": f"{stage}@6"})
+    output, _ = victim.communicate(timeout=300)
+    assert victim.returncode == -signal.SIGKILL, output
+    survivors = complete_checkpoints(tmp_path / "victim")
+    assert [p.name for p in survivors] == ["step-3"]
+    verify(survivors[0])
+    result = cli(*resume_args(args, tmp_path / "victim"))
+    assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "victim" / "checkpoints").glob(".tmp-*"))
+    assert_runs_identical(tmp_path / "reference", tmp_path / "victim")
+
+
+def test_sigterm_saves_and_exits_cleanly(cli, tmp_path):
+    from lowmem.checkpoint import complete_checkpoints, verify
+
+    args = pretrain_args(tmp_path, "baseline", out="run", tokens=10**6)
+    process = run_lowmem(args)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert "checkpoint saved" in output and "Traceback" not in output
+    saved = complete_checkpoints(tmp_path / "run")
+    assert saved and verify(saved[-1])["step"] >= 2

@@ -8,14 +8,20 @@ answers the few questions the loop asks (who am I, do all ranks agree, sum this)
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lowmem.api import ConfigError
+
+# Set by mpirun (Open MPI, MPICH/Intel MPI, MVAPICH) in each process it starts.
+MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class ReplicaMismatch(RuntimeError):
+    """The model replicas of a data-parallel run are no longer identical."""
 
 
 @dataclass
@@ -38,11 +44,20 @@ class DistContext:
         """Join the process group a launcher set up; refuse a launch that silently became one
         process when several were asked for (accelerate's --cpu without MPI does that)."""
         world = int(environ.get("WORLD_SIZE", "1"))
-        asked = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", environ.get("ACCELERATE_NUM_PROCESSES", "0")) or 0)
+        asked = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", "0") or 0) or _accelerate_single_process_ask(environ)
         if asked > 1 and world != asked:
             raise ConfigError(
-                f"{asked} processes were asked for but this one sees WORLD_SIZE={world}; the launcher started "
-                "a single-process job (accelerate launch --cpu needs MPI for several processes: use torchrun)"
+                f"{asked} processes were asked for but this one sees WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}: the launcher started "
+                "single-process jobs (accelerate launch --cpu runs several only through MPI); use "
+                f"`lowmem train --nproc {asked}`, `torchrun --nproc-per-node {asked} -m lowmem train` or "
+                f"`accelerate launch --multi_gpu --num_processes {asked} -m lowmem train` (gloo on CPU)"
+            )
+        mpi_world = max((int(environ.get(k, "1") or 1) for k in MPI_WORLD_SIZE), default=1)
+        if world <= 1 and mpi_world > 1:
+            # N independent jobs would each write the same run folder.
+            raise ConfigError(
+                f"started by MPI as one of {mpi_world} processes, but lowmem joins its process group "
+                "through torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR); launch with torchrun"
             )
         if world <= 1:
             return cls()
@@ -106,6 +121,35 @@ class DistContext:
 
             dist.barrier()
 
+    def check_replicas(self, model) -> None:
+        """Fail unless every rank holds bit-identical parameters. DDP keeps replicas equal only
+        while each rank applies the same update to the same all-reduced gradient; an optimizer
+        that keeps rank-local state or steps before the reduction makes them drift silently,
+        and rank 0 alone would then save one of several different models."""
+        if not self.active:
+            return
+        import torch
+        import torch.distributed as dist
+
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        names, sums = [], []
+        for name, param in model.named_parameters():
+            # Sum of the raw bit patterns: a changed element changes it (barring collisions).
+            flat = param.detach().contiguous().view(-1)
+            sums.append(flat.view(as_int[flat.element_size()]).sum(dtype=torch.int64))
+            names.append(name)
+        if not sums:
+            return
+        mine = torch.stack(sums)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        stacked = torch.stack(every)
+        differ = [names[i] for i in (stacked != stacked[0]).any(0).nonzero().view(-1).tolist()]
+        if differ:
+            shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+            raise ReplicaMismatch(f"parameters differ between ranks after training ({shown}): the "
+                                  "optimizer did not apply the same update on every process")
+
     def close(self) -> None:
         if self.active:
             import torch.distributed as dist
@@ -114,8 +158,64 @@ class DistContext:
                 dist.destroy_process_group()
 
 
+def _accelerate_single_process_ask(environ: dict[str, str]) -> int:
+    """Processes asked of ``accelerate launch`` when it used its single-process launcher.
+
+    Without a GPU (or with --cpu) and without MPI, accelerate starts the script once and exports
+    no process count, only ACCELERATE_USE_CPU and MASTER_ADDR/PORT; WORLD_SIZE stays unset. The
+    count it was asked for is on its own command line (our parent process) or in its config file.
+    """
+    if "ACCELERATE_USE_CPU" not in environ or "WORLD_SIZE" in environ:
+        return 0
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):  # not Linux, or the parent is gone
+        return 0
+    if "launch" not in argv:
+        return 0
+    value = _option(argv, "num_processes")
+    if value is None:
+        try:
+            from accelerate.commands.config import default_config_file, load_config_from_file
+
+            config_file = _option(argv, "config_file") or default_config_file
+            if not Path(config_file).is_file():
+                return 0
+            value = getattr(load_config_from_file(config_file), "num_processes", None)
+        except Exception:  # noqa: BLE001 - an unreadable config: accelerate itself would have refused it
+            return 0
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of --name / --name-with-dashes in ``argv`` (separate or after '='); the last wins."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    found = None
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if key in spellings:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+# Exit codes after which the worker has already said why (plugin fault or Python traceback, bad
+# input, non-finite, signals): passed through as they are. Anything else is named by rank.
+_OWN_EXIT_CODES = {1, 2, 3, 130, 143}
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """``lowmem train --nproc N ...`` re-runs itself under torchrun (the engine's launcher)."""
+    """``lowmem train --nproc N ...`` re-runs itself under torchrun (the engine's launcher),
+    in-process so that the workers' exit code comes back instead of torchrun's generic 1 and
+    its failure report: a refused config is then one line and exit 2, as on one process."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     args: list[str] = []
     rest = iter(argv[1:])
     for arg in rest:
@@ -123,8 +223,23 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             next(rest, None)  # drop its value too
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    command = [*launcher, "--standalone", f"--nproc-per-node={nproc}", "-m", "lowmem", *args]
-    env = {**os.environ, "LOWMEM_EXPECTED_WORLD_SIZE": str(nproc)}
-    return subprocess.call(command, env=env)
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lowmem", *args])
+    # The workers inherit this process's environment; the count lets them refuse a mismatch.
+    os.environ["LOWMEM_EXPECTED_WORLD_SIZE"] = str(nproc)
+    # The agent logs every worker exit and the SIGTERMs it sends to the others; the workers
+    # print their own errors, and a crash is summarised below.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(launch)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        if code < 0:
+            print(f"error: the process of rank {rank} was killed by signal {-code}", file=sys.stderr)
+            return 128 - code
+        if code not in _OWN_EXIT_CODES:
+            print(f"error: the process of rank {rank} exited with code {code}", file=sys.stderr)
+        return code
+    except SignalException as exc:  # this launcher was stopped; the workers got the signal too
+        return 128 + int(exc.sigval)
+    return 0

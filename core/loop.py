@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -34,12 +35,15 @@ class NonFiniteError(RuntimeError):
 def run_training(config: TrainConfig, registry: Registry, environ: dict[str, str] | None = None) -> int:
     """Join the launcher's process group (if any), train, and turn failures into exit codes."""
     env = dict(os.environ) if environ is None else environ
-    say = _stderr
+    # Every rank meets the same bad input or non-finite loss: rank 0 alone says so.
+    say = _stderr if env.get("RANK", "0") == "0" else (lambda message: None)
     try:
         dist = DistContext.from_launcher(env, want_cuda=config.device != "cpu")
     except ConfigError as exc:
         say(f"error: {exc}")
         return EXIT_BAD_INPUT
+    # The default run folder is named by the clock: take rank 0's.
+    config = dataclasses.replace(config, output_dir=dist.broadcast(config.output_dir))
     try:
         return train(config, registry, dist)
     except ConfigError as exc:
@@ -227,6 +231,7 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
         files.close()
         return exit_code
 
+    dist.check_replicas(run.model)
     final_eval = evaluate(run)
     files.log({"step": state.step, "tokens": state.tokens, **final_eval})
     state.wall_seconds = time.perf_counter() - started

@@ -166,7 +166,9 @@ def train(
     """Train MODEL with OPTIMIZER and write a self-contained run folder."""
     params = dict(locals())
     with clean_errors():
-        config = resolve_train_config(params)
+        # Under a launcher, or before re-running under torchrun, rank 0 alone prints the notes.
+        quiet = nproc > 1 or os.environ.get("RANK", "0") != "0"
+        config = resolve_train_config(params, note=(lambda message: None) if quiet else None)
         if nproc > 1:
             from lowmem.distributed import launch_torchrun
 
@@ -176,12 +178,12 @@ def train(
         raise typer.Exit(run_training(config, registry()))
 
 
-def resolve_train_config(params: dict[str, Any]) -> Any:
+def resolve_train_config(params: dict[str, Any], note=None) -> Any:
     """Validated CLI values -> TrainConfig. Everything a user can get wrong is found here,
     before any model is built."""
     from lowmem.resolve import build_train_config
 
-    return build_train_config(params, registry(), environ=dict(os.environ))
+    return build_train_config(params, registry(), environ=dict(os.environ), note=note)
 
 
 # -- listings ----------------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""Data-parallel training: real 2-process gloo runs on CPU, started the way users start them.
+
+A 2-process step with batch B equals a 1-process step with batch B and --grad-accum 2 bit for
+bit: global batches 2k and 2k+1 are rank 0's and rank 1's batch in the first, the two
+micro-batches in the second, and both average two gradients that were each halved exactly.
+So losses, weights and optimizer state are compared exactly, which proves the sharding, the
+all-reduce and the token count at once. Batch 2B on one process is the same data in one
+forward pass: equal only to float tolerance.
+
+Torchrun workers are fresh interpreters that cannot see the tiny models conftest registers
+in-process, so they load tests/tiny_plugin.py through a fake installed distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_resume import assert_runs_identical, final_tensors, interrupted_copy, resume_args
+from test_train import pretrain_args, train_losses
+
+TESTS = Path(__file__).resolve().parent
+TOKENS = 2560  # 10 full steps of 2 x 4 x 32 tokens: no partial last step to compose differently
+LAUNCH_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def launch_env(tmp_path_factory):
+    """The environment of a torchrun-launched worker: tiny models via an entry point, offline."""
+    site = tmp_path_factory.mktemp("site")
+    info = site / "lowmem_tiny_test-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lowmem-tiny-test\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lowmem]\ntiny = tiny_plugin\n")
+    path = [str(site), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {
+        **os.environ, "PYTHONPATH": os.pathsep.join(path), "LOWMEM_LOAD_PLUGINS": "tiny",
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        # Shared with the in-process runs: the same cached tokenizer on both sides.
+        "LOWMEM_CACHE_DIR": os.environ["LOWMEM_CACHE_DIR"],
+        # One thread per worker, as the in-process runs use: CPU SVD is bitwise repeatable
+        # only at a fixed thread count.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def launch(env, *args, launcher=("-m", "lowmem")) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *launcher, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT)
+
+
+def ddp_args(tmp_path: Path, optimizer: str, out: str, extra=()) -> list[str]:
+    return pretrain_args(tmp_path, optimizer, out=out, tokens=TOKENS,
+                         extra=["--save-every", "3", "--keep-checkpoints", "10", *extra])
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(launch_env, tmp_path_factory):
+    """``lowmem train --nproc 2`` per optimizer, run once and shared by the tests of this module."""
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(optimizer: str):
+        if optimizer not in runs:
+            folder = tmp_path_factory.mktemp(f"ddp-{optimizer.replace('+', '-')}")
+            result = launch(launch_env, *ddp_args(folder, optimizer, "run"), "--nproc", "2")
+            assert result.returncode == 0, result.stdout + result.stderr
+            runs[optimizer] = (folder, result)
+        return runs[optimizer]
+
+    return get
+
+
+@pytest.mark.parametrize("optimizer", [
+    "galore",
+    pytest.param("baseline", marks=pytest.mark.slow),
+    pytest.param("lora", marks=pytest.mark.slow),
+    pytest.param("galore8bit", marks=pytest.mark.slow),
+    pytest.param("lora+galore8bit", marks=pytest.mark.slow),
+])
+def test_two_processes_equal_one_with_accumulation(cli, tmp_path, two_process_runs, optimizer):
+    import torch
+
+    folder, result = two_process_runs(optimizer)
+    run = folder / "run"
+    # Exit 0 includes the end-of-run check that both ranks hold bit-identical parameters.
+    assert result.stdout.count("lowmem run:") == 1  # rank 0 alone prints the summary
+    assert "error" not in result.stderr
+    config, summary = (json.loads((run / name).read_text()) for name in ("config.json", "summary.json"))
+    assert config["world_size"] == 2 and summary["world_size"] == 2
+    assert summary["tokens"] == TOKENS and summary["steps"] == 10  # tokens of both ranks counted
+    steps = [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    assert steps == list(range(1, 11))  # one writer: no row twice
+    assert sorted(p.name for p in folder.iterdir()) == ["galore.json", "run"]
+
+    accumulated = cli(*ddp_args(tmp_path, optimizer, "accum", extra=["--batch_size", "4", "--grad-accum", "2"]))
+    assert accumulated.exit_code == 0, accumulated.output
+    assert_runs_identical(run, tmp_path / "accum")
+
+    wide = cli(*ddp_args(tmp_path, optimizer, "wide", extra=["--batch_size", "8"]))
+    assert wide.exit_code == 0, wide.output
+    assert train_losses(tmp_path / "wide") == pytest.approx(train_losses(run), rel=1e-4)
+    weights_wide, _ = final_tensors(tmp_path / "wide")
+    weights_ddp, _ = final_tensors(run)
+    for name, tensor in weights_ddp.items():
+        torch.testing.assert_close(weights_wide[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_bitwise(launch_env, tmp_path, two_process_runs):
+    folder, _ = two_process_runs("galore")
+    resumed = interrupted_copy(folder / "run", tmp_path / "resumed", step=3)
+    result = launch(launch_env, *resume_args(ddp_args(folder, "galore", "run"), resumed), "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("resumed from") == 1
+    assert_runs_identical(folder / "run", resumed)
+
+
+@pytest.mark.slow
+def test_one_process_cannot_resume_a_two_process_checkpoint(cli, tmp_path, two_process_runs):
+    folder, _ = two_process_runs("galore")
+    resumed = interrupted_copy(folder / "run", tmp_path / "resumed", step=3)
+    result = cli(*resume_args(ddp_args(folder, "galore", "run"), resumed))
+    assert result.exit_code == 2 and "world_size: 2 -> 1" in result.output
+
+
+@pytest.mark.slow
+def test_torchrun_directly(launch_env, tmp_path):
+    result = launch(launch_env, "--standalone", "--nproc-per-node", "2", "-m", "lowmem",
+                    *pretrain_args(tmp_path, "lora", tokens=1024), launcher=("-m", "torch.distributed.run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens"] == 1024
+
+
+@pytest.mark.slow
+def test_per_layer_galore_is_refused_in_one_line(launch_env, tmp_path):
+    config = tmp_path / "per_layer.json"
+    config.write_text(json.dumps({"rank": 4, "per_layer": True}))
+    result = launch(launch_env, *pretrain_args(tmp_path, "galore", extra=["--optimizer-config", str(config),
+                                                                          "--max-grad-norm", "0"]), "--nproc", "2")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "'per_layer' runs on a single process only" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_single_process_launch_is_refused(launch_env, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` without MPI starts the script once."""
+    pytest.importorskip("accelerate")
+    env = {**launch_env, "HF_HOME": str(tmp_path / "hf")}  # no accelerate config file
+    result = launch(env, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lowmem",
+                    *pretrain_args(tmp_path, "baseline", tokens=512),
+                    launcher=("-m", "accelerate.commands.accelerate_cli"))
+    assert result.returncode != 0
+    assert "2 processes were asked for" in result.stderr and "torchrun" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# -- the launcher checks, without launching ------------------------------------------------------
+def test_a_world_size_mismatch_is_refused():
+    from lowmem.api import ConfigError
+    from lowmem.distributed import DistContext
+
+    with pytest.raises(ConfigError, match="3 processes were asked for"):
+        DistContext.from_launcher({"LOWMEM_EXPECTED_WORLD_SIZE": "3"}, want_cuda=False)
+    with pytest.raises(ConfigError, match="started by MPI"):
+        DistContext.from_launcher({"OMPI_COMM_WORLD_SIZE": "2"}, want_cuda=False)
+    assert not DistContext.from_launcher({"ACCELERATE_USE_CPU": "True"}, want_cuda=False).active
+
+
+def test_accelerate_options_are_read_in_every_spelling():
+    from lowmem.distributed import _option
+
+    assert _option(["accelerate", "launch", "--num_processes", "4", "x.py"], "num_processes") == "4"
+    assert _option(["launch", "--num-processes=2"], "num_processes") == "2"
+    assert _option(["launch", "--config_file", "a.yaml", "--num_machines", "1"], "config_file") == "a.yaml"
+    assert _option(["launch", "x.py"], "num_processes") is None
+
+
+def _diverging_worker(rank: int, init_file: str, outcome: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from lowmem.distributed import DistContext, ReplicaMismatch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    context = DistContext(rank, 2, rank, "gloo")
+    model = torch.nn.Linear(4, 3)
+    torch.nn.init.constant_(model.weight, 0.5)
+    torch.nn.init.zeros_(model.bias)
+    context.check_replicas(model)  # identical: passes
+    if rank == 1:
+        with torch.no_grad():
+            model.bias[2] = torch.nextafter(model.bias[2], torch.tensor(1.0))  # one ULP apart
+    try:
+        context.check_replicas(model)
+        Path(f"{outcome}.{rank}").write_text("passed")
+    except ReplicaMismatch as exc:
+        Path(f"{outcome}.{rank}").write_text(str(exc))
+    context.close()
+
+
+def test_replica_check_catches_one_ulp(tmp_path):
+    import torch.multiprocessing as mp
+
+    outcome = tmp_path / "outcome"
+    mp.spawn(_diverging_worker, args=(str(tmp_path / "init"), str(outcome)), nprocs=2, join=True)
+    for rank in (0, 1):
+        message = Path(f"{outcome}.{rank}").read_text()
+        assert "parameters differ between ranks" in message and "bias" in message and "weight" not in message

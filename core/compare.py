@@ -7,6 +7,7 @@ out-of-memory error) is reported with its reason; the other runs still happen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -104,7 +105,9 @@ def run_all(
             config = build_train_config({**base_params, "optimizer": name, "output_dir": output_dir},
                                         registry, environ=environ, note=say)
             reset_peak_memory()
-            code = run_training(config, registry, environ=dict(environ))
+            errors = ErrorLines(sys.stderr)
+            with contextlib.redirect_stderr(errors):
+                code = run_training(config, registry, environ=dict(environ))
         except ConfigError as exc:
             result.status, result.reason = "failed", str(exc)
         except (Exception, MemoryError) as exc:  # noqa: BLE001 - one failed run must not stop the rest
@@ -113,11 +116,34 @@ def run_all(
             if code != 0:
                 result.status = "failed"
                 result.reason = f"exit code {code} ({EXIT_REASONS.get(code, 'error')})"
+                if errors.last:
+                    result.reason += f": {errors.last}"
         if result.status == "ok":
             result.summary = read_summary(output_dir)
         else:
             say(f"compare: {name} failed: {result.reason}")
     return results
+
+
+class ErrorLines:
+    """A stderr that passes everything through and remembers the last ``error:`` line, which
+    the training loop prints before it returns a non-zero exit code."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith("error: "):
+                self.last = line.removeprefix("error: ").strip()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno: the real stream's
+        return getattr(self.stream, name)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,9 @@ from lowmem.api import ConfigError
 
 # Set by mpirun (Open MPI, MPICH/Intel MPI, MVAPICH) in each process it starts.
 MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# What ``accelerate launch --use_fsdp`` etc. export for the Accelerator to read.
+SHARDING_ENGINES = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
+                    "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
 
 
 class ReplicaMismatch(RuntimeError):
@@ -51,6 +54,14 @@ class DistContext:
                 "single-process jobs (accelerate launch --cpu runs several only through MPI); use "
                 f"`lowmem train --nproc {asked}`, `torchrun --nproc-per-node {asked} -m lowmem train` or "
                 f"`accelerate launch --multi_gpu --num_processes {asked} -m lowmem train` (gloo on CPU)"
+            )
+        engines = [name for name, var in SHARDING_ENGINES.items() if environ.get(var, "").lower() == "true"]
+        if engines:
+            # lowmem builds its own DDP loop and never reads these settings: it would replicate
+            # the whole model on every process while the user expects it sharded.
+            raise ConfigError(
+                f"accelerate was asked for {engines[0]}, which lowmem does not use: it trains data-parallel "
+                "with DDP (a full model copy per process); launch without --use_fsdp/--use_deepspeed"
             )
         mpi_world = max((int(environ.get(k, "1") or 1) for k in MPI_WORLD_SIZE), default=1)
         if world <= 1 and mpi_world > 1:

@@ -171,6 +171,8 @@ def test_a_world_size_mismatch_is_refused():
         DistContext.from_launcher({"LOWMEM_EXPECTED_WORLD_SIZE": "3"}, want_cuda=False)
     with pytest.raises(ConfigError, match="started by MPI"):
         DistContext.from_launcher({"OMPI_COMM_WORLD_SIZE": "2"}, want_cuda=False)
+    with pytest.raises(ConfigError, match="accelerate was asked for FSDP"):
+        DistContext.from_launcher({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, want_cuda=False)
     assert not DistContext.from_launcher({"ACCELERATE_USE_CPU": "True"}, want_cuda=False).active
 
 

@@ -50,13 +50,6 @@ def registry_with_plain(tiny_registry):
     return tiny_registry
 
 
-def measured_state_bytes(optimizer) -> int:
-    state = optimizer.state_dict()
-    if "per_layer" in state:  # per-layer GaLore keeps one inner state dict per parameter
-        return memory.unique_tensor_bytes(memory.iter_tensors([inner["state"] for inner in state["per_layer"]]))
-    return memory.optimizer_state_bytes(optimizer)
-
-
 def train_two_steps(registry, model_name, optimizer_name, config, per_layer):
     """Build the real model and optimizer as a run does, take two steps; returns
     (model, optimizer, the most gradient bytes alive at once)."""
@@ -105,7 +98,7 @@ def test_estimate_equals_measured_bytes(registry_with_plain, name, config, per_l
     assert (result.trainable_params, result.total_params) == (trainable, total)
     assert result.weights == memory.parameter_bytes(model)
     assert result.gradients == gradient_bytes
-    measured = measured_state_bytes(optimizer)
+    measured = memory.optimizer_state_bytes(optimizer)
     if name == "plain-adamw":
         # The guess is two fp32 moments; torch also keeps a 0-dim fp32 step per parameter.
         assert result.state_source == GENERIC_GUESS

@@ -1,0 +1,118 @@
+"""lowmem benchmarks (`nox -s bench`): writes bench/results.md and bench/results.json.
+
+    python bench/run.py [--quick] [--sections 1,2,3,4,5,6]
+
+Sections: 1 lowmem vs Hugging Face Trainer, 2 vs galore_torch (step and SVD refresh),
+3 optimizer overhead vs baseline (from section 1's runs), 4 optimizer-state memory,
+5 start-up time, 6 GPU (skipped without CUDA). Not part of the test run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.update({k: v for k, v in __import__("common").offline_env().items() if k not in os.environ})
+
+import common  # noqa: E402
+
+TITLES = {
+    "1": "1. lowmem vs Hugging Face Trainer (throughput, peak memory)",
+    "2": "2. lowmem GaLore vs galore_torch (optimizer step, projection refresh)",
+    "3": "3. Optimizer overhead vs baseline within lowmem",
+    "4": "4. Optimizer-state memory",
+    "5": "5. Start-up time",
+    "6": "6. GPU",
+}
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (development)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated section numbers")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in training runs (1: stable under other load on a small machine; 0: default)")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent), help="folder for results.*")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    quick = args.quick
+    args.repeats, args.warmup, args.steps = (1, 1, 2) if quick else (2, 1, 4)
+    args.step_repeats, args.svd_repeats, args.startup_repeats = (3, 1, 3) if quick else (7, 3, 7)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+
+    def say(message):
+        print(message, flush=True)
+
+    info = common.machine()
+    say(f"machine: {common.machine_line(info)}")
+    results: dict = {"machine": info, "quick": args.quick, "sections": {}}
+    started = time.perf_counter()
+    training = None
+    for section in args.sections:
+        say(f"== {TITLES[section]}")
+        t0 = time.perf_counter()
+        if section in ("1", "3"):
+            if training is None:
+                import s_training
+
+                training = s_training.run(args, say)
+            found = training["trainer" if section == "1" else "overhead"]
+            found = {**found, "errors": training["errors"]}
+            if section == "1":
+                found["raw"] = training["raw"]
+        elif section == "2":
+            import s_galore
+
+            found = s_galore.run(args, say)
+        elif section == "4":
+            import s_memory
+
+            found = s_memory.run(args, say)
+        elif section == "5":
+            import s_startup
+
+            found = s_startup.run(args, say)
+        else:
+            import s_gpu
+
+            found = s_gpu.run(args, say)
+        found["seconds"] = round(time.perf_counter() - t0, 1)
+        found["repeats"] = {"runs": args.repeats, "warmup_steps": args.warmup, "steps": args.steps,
+                            "step_repeats": args.step_repeats, "svd_repeats": args.svd_repeats,
+                            "startup_repeats": args.startup_repeats}
+        results["sections"][section] = found
+        say(found["table"])
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    write(results, Path(args.output))
+    say(f"done in {results['total_seconds']:.0f} s")
+    return 0
+
+
+def write(results: dict, folder: Path) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    info = results["machine"]
+    lines = ["# lowmem benchmark results", "",
+             f"Written by `bench/run.py`{' --quick' if results['quick'] else ''} on {info['date']} "
+             f"in {results['total_seconds']:.0f} s.", ""]
+    for section, found in results["sections"].items():
+        lines += [f"## {TITLES[section]}", "", f"Machine: {common.machine_line(info)}. Repeats: "
+                  + ", ".join(f"{k} {v}" for k, v in found["repeats"].items()) + ".", "", found["table"], ""]
+        for name, error in (found.get("errors") or {}).items():
+            lines += [f"- error in `{name}`: `{error.splitlines()[-1] if error else ''}`", ""]
+    notes = folder / "notes.md"
+    if notes.exists():  # hand-written analysis of the measured numbers (causes, goals met or not)
+        lines += [notes.read_text()]
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""One measured training run in this process; prints one JSON line. Called by common.run_worker.
+
+kind "lowmem": lowmem's real loop (lowmem.loop.train with a TrainConfig), step throughput read
+from its metrics.jsonl (log_every=1: tokens/s between consecutive steps, so data loading,
+clipping and logging are all inside the measurement).
+kind "trainer": Hugging Face Trainer on the same model, tokenizer and batches (lowmem's packed
+stdlib-docs blocks, tokenized once by lowmem's pipeline), timed from one step end to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE_DIR  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def small_llama_plugin():
+    """llama_60m's layer shape (width 512, MLP 1376, 8 heads) with 2 layers and an 8,000-token
+    vocabulary: the full model runs 15-25 s/step on two shared cores, too slow for the budget."""
+    import lowmem
+    from lowmem.plugins.models.llama import Llama, llama_shape
+
+    class SmallLlama(Llama):
+        name = "llama_60m_small"
+        description = "llama_60m layers, 2 deep, vocab 8000 (benchmarks)"
+        vocab_size = 8000
+        hf_config = llama_shape(512, 1376, 2, 8)
+
+    class Plugin:
+        @lowmem.hookimpl
+        def register_models(self, register):
+            register(SmallLlama())
+
+    return Plugin()
+
+
+def registry():
+    from lowmem.registry import load_registry
+
+    return load_registry("", extra=[small_llama_plugin()])
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def lowmem_run(spec: dict) -> dict:
+    from lowmem.config import TrainConfig
+    from lowmem.loop import train
+
+    warm, steps = spec["warmup"], spec["steps"]
+    with tempfile.TemporaryDirectory(prefix="lowmem-bench-") as out:
+        config = TrainConfig(
+            mode="pretraining", optimizer=spec["optimizer"], model=spec["model"], dataset="stdlib-docs",
+            batch_size=spec["batch_size"], max_length=spec["max_length"], max_steps=warm + steps,
+            num_training_tokens=10**12, dtype=spec.get("dtype", "fp32"), device=spec.get("device", "cpu"), lr=4e-4, warmup_steps=0,
+            max_grad_norm=0.0 if spec.get("config", {}).get("per_layer") else 1.0, shuffle=False,
+            optimizer_config=spec.get("config", {}), output_dir=out, cache_dir=str(CACHE_DIR),
+            log_every=1, eval_batches=1, seed=42,
+        )
+        started = time.perf_counter()
+        code = train(config, registry())
+        total = time.perf_counter() - started
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    steps_rows = [r for r in rows if "tokens_per_second" in r and r["step"] > warm]
+    tps = sorted(r["tokens_per_second"] for r in steps_rows)
+    tokens_per_step = spec["batch_size"] * spec["max_length"]
+    return {
+        "exit_code": code, "tokens_per_second": tps[len(tps) // 2] if tps else float("nan"),
+        "step_seconds": tokens_per_step / tps[len(tps) // 2] if tps else float("nan"),
+        "losses": [r["loss"] for r in rows if "loss" in r], "peak_rss_bytes": peak_rss(),
+        "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "wall_seconds": total,
+        "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
+    }
+
+
+class StepClock:
+    """A TrainerCallback (duck-typed, registered below) timing step end to step end."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.losses: list[float] = []
+
+    def make(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.ends.append(time.perf_counter())
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    clock.losses.append(float(logs["loss"]))
+
+        return Clock()
+
+
+def trainer_run(spec: dict) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lowmem.api import ModelRequest
+    from lowmem.assemble import seed_everything
+    from lowmem.data import DataSpec, train_batches
+    from lowmem.tokenizer import load_tokenizer
+
+    warm, steps = spec["warmup"], spec["steps"]
+    plugins = registry()
+    plugin = plugins.model(spec["model"])
+    tokenizer = load_tokenizer(tokenizer=None, model_path=None, model_plugin=plugin, cache_dir=CACHE_DIR,
+                               registry=plugins, warn=lambda message: None)
+    data = DataSpec(dataset=plugins.dataset("stdlib-docs"), source=None, objective="causal_lm",
+                    tokenizer=tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"],
+                    seed=42, shuffle=False, cache_dir=CACHE_DIR)
+    rows = []
+    for batch in train_batches(data, 0):
+        rows += [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+        if len(rows) >= spec["batch_size"] * (warm + steps):
+            break
+    seed_everything(42)
+    model = plugin.build(ModelRequest(objective="causal_lm", vocab_size=len(tokenizer), num_labels=0, weights=None,
+                                      pad_token_id=tokenizer.pad_token_id))
+    extra = {}
+    if spec["optim"] != "adamw_torch":
+        config = spec.get("config", {})
+        extra = {"optim_target_modules": TARGETS,
+                 "optim_args": f"rank={config.get('rank', 128)}, update_proj_gap={config.get('update_proj_gap', 200)}, "
+                               f"scale={config.get('scale', 0.25)}, proj_type=std"}
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="trainer-bench-") as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=spec["batch_size"], max_steps=warm + steps,
+            learning_rate=4e-4, weight_decay=0.01, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="cosine",
+            optim=spec["optim"], logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            dataloader_num_workers=0, seed=42, disable_tqdm=True, **extra,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock.make()])
+        started = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - started
+    intervals = sorted(b - a for a, b in zip(clock.ends[warm - 1:], clock.ends[warm:], strict=False))
+    step = intervals[len(intervals) // 2] if intervals else float("nan")
+    return {
+        "tokens_per_second": spec["batch_size"] * spec["max_length"] / step, "step_seconds": step,
+        "losses": clock.losses, "peak_rss_bytes": peak_rss(), "wall_seconds": total,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    result = lowmem_run(spec) if spec["kind"] == "lowmem" else trainer_run(spec)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

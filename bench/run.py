@@ -41,7 +41,7 @@ def parse(argv):
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     quick = args.quick
-    args.repeats, args.warmup, args.steps = (1, 1, 2) if quick else (2, 1, 4)
+    args.repeats, args.warmup, args.steps = (1, 1, 2) if quick else (2, 1, 3)
     args.step_repeats, args.svd_repeats, args.startup_repeats = (3, 1, 3) if quick else (7, 3, 7)
     return args
 

@@ -13,9 +13,9 @@ GAP = 200
 
 def _params():
     import torch
+    from worker import registry
 
     from lowmem.api import ModelRequest
-    from worker import registry
 
     torch.manual_seed(0)
     model = registry().model("llama_60m").build(
@@ -27,13 +27,13 @@ def _params():
 
 def run(args, say) -> dict:
     import torch
-
     from galore_torch import GaLoreAdamW
+    from worker import TARGETS
+
     from lowmem.plugins.optimizers.galore import GALORE_DEFAULTS
     from lowmem.plugins.optimizers.galore_adamw8bit import GaLoreAdamW8bit
     from lowmem.plugins.optimizers.galore_common import LowmemGaLoreAdamW, galore_groups
     from lowmem.plugins.optimizers.targets import target_weights
-    from worker import TARGETS
 
     model = _params()
     projected = target_weights(model, TARGETS)

@@ -128,12 +128,11 @@ def plan_steps(config: TrainConfig, data, world_size: int) -> int:
 
 def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -> Run:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from lowmem.data import DataSpec, dataset_kind, label_names
     from lowmem.modeling import resolve_weights
     from lowmem.tokenizer import load_tokenizer
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # lowmem shows its own progress; HF's bars would interleave
     device = resolve_device(config.device, dist)

@@ -148,9 +148,9 @@ def test_incompatible_resume_is_refused(cli, tmp_path):
 # -- real processes: kill -9 during a save, SIGTERM ---------------------------------------------
 def run_lowmem(args: list[str], env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
     """lowmem's CLI in a fresh process, with the tiny test models registered as a plugin."""
-    code = ("import sys; sys.path.insert(0, %r); import conftest; from lowmem import cli; "
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; from lowmem import cli; "
             "cli.EXTRA_PLUGINS.append(conftest.TinyModels()); sys.argv = ['lowmem'] + sys.argv[1:]; "
-            "import torch; torch.set_num_threads(1); cli.main()") % str(TESTS)
+            "import torch; torch.set_num_threads(1); cli.main()")
     env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)

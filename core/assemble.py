@@ -45,10 +45,21 @@ class Run:
     def autocast(self):
         import torch
 
-        if self.dtype == "fp32":
+        if self.dtype in ("fp32", PURE_BF16):  # nothing to cast: the weights are in the compute dtype
             return nullcontext()
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+PURE_BF16 = "bf16-pure"
+
+
+def cast_weights(model, dtype: str):
+    """``bf16-pure`` keeps the weights themselves in bf16 (no fp32 master copy); the other
+    choices train fp32 weights, under autocast for bf16/fp16."""
+    import torch
+
+    return model.to(torch.bfloat16) if dtype == PURE_BF16 else model
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +101,7 @@ def resolve_dtype(dtype: str, device) -> str:
         if device.type == "cuda":
             return "bf16" if cuda_bf16 else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if dtype == "bf16" and device.type == "cuda" and not cuda_bf16:
+    if dtype in ("bf16", PURE_BF16) and device.type == "cuda" and not cuda_bf16:
         raise ConfigError("--dtype bf16 is not supported by this GPU; use --dtype fp16 or fp32")
     return dtype
 
@@ -168,6 +179,7 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
         target_modules=tuple(model_plugin.target_modules), objective=objective,
         grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm, world_size=dist.world_size,
     )
+    model = cast_weights(model, dtype)
     with registry.guard(optimizer_plugin, "prepare_model"):
         model = optimizer_plugin.prepare_model(model, settings).to(device)
     with registry.guard(optimizer_plugin, "build"):

@@ -134,7 +134,7 @@ def train(
     num_training_tokens: Annotated[str, Opt("--num_training_tokens", "--num-training-tokens", callback=_count, help="Pretraining budget in real tokens: 1e9, 100M, 1B")] = "1e9",
     max_steps: Annotated[int | None, Opt("--max-steps", "--max_steps", callback=_positive_int, help="Stop after N optimizer steps")] = None,
     shuffle: Annotated[str, Opt("--shuffle", callback=_bool, help="true or false")] = "true",
-    dtype: Annotated[str, Opt("--dtype", callback=_choice(DTYPES), help="auto, bf16, fp16 (loss scaling) or fp32; auto: bf16 where fast, else fp32 on CPU / fp16 on old GPUs")] = "auto",
+    dtype: Annotated[str, Opt("--dtype", callback=_choice(DTYPES), help="auto, bf16, fp16 (loss scaling), fp32, or bf16-pure (bf16 weights, no fp32 copy); auto: bf16 where fast, else fp32 on CPU / fp16 on old GPUs")] = "auto",
     lr: Annotated[float, Opt("--lr", callback=_positive_float)] = 4e-4,
     weight_decay: Annotated[float, Opt("--weight_decay", "--weight-decay", callback=_non_negative_float)] = 0.01,
     tmax: Annotated[int | None, Opt("--tmax", callback=_positive_int, help="Cosine period in optimizer steps after warm-up (default: the rest of the run)")] = None,

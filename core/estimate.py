@@ -6,8 +6,9 @@ run (LoRA adds its adapters) and reports its own state size through ``state_byte
 
 What lowmem's training loop holds, and so what is counted here:
 
-* weights: fp32 master weights, whatever ``--dtype`` (autocast computes in 16 bits, the
-  parameters stay fp32): 4 bytes per parameter, frozen ones included.
+* weights: fp32 master weights (autocast computes in 16 bits, the parameters stay fp32): 4
+  bytes per parameter, frozen ones included; with ``--dtype bf16-pure`` the weights, their
+  gradients and the optimizer's moments are bf16 and there is no autocast copy.
 * gradients: one fp32 gradient per trainable parameter; in per-layer mode each parameter is
   stepped and its gradient freed inside backward, so only the largest single one is counted.
 * optimizer states: the plugin's ``state_bytes`` (projection matrices included), else a
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowmem.api import CLASSIFICATION, ConfigError, Model, ModelRequest, Optimizer, OptimizerSettings
+from lowmem.assemble import PURE_BF16, cast_weights
 
 GENERIC_GUESS = "generic AdamW-like guess"
 FRAMEWORK_OVERHEAD = 0.10
@@ -47,7 +49,7 @@ ACTIVATION_FORMULA = (
     "autograd saves); x2 without autocast (fp32); plus the loss: fp32 logits, their log-softmax and gradient, "
     "12 bytes per token and vocabulary entry"
 )
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, PURE_BF16: 2}
 
 
 @dataclass
@@ -70,24 +72,20 @@ class Breakdown:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def weight_dtype(self) -> str:
+        return "bf16" if self.settings.get("dtype") == PURE_BF16 else "fp32"
+
+    @property
     def total(self) -> int:
         return (
             self.weights + self.gradients + self.optimizer_states + self.weight_copies
             + self.activations + self.overhead
         )
 
-    @property
-    def pure_16bit_total(self) -> int:
-        """The same run with 16-bit weights and no master copy (how the GaLore paper trains):
-        weights halve and the autocast copies disappear; for comparison with published figures."""
-        weights = self.weights // 2
-        rest = self.gradients + self.optimizer_states + self.activations
-        return weights + rest + int(FRAMEWORK_OVERHEAD * (weights + rest))
-
     def rows(self) -> list[tuple[str, int]]:
         return [
-            ("weights (fp32)", self.weights),
-            ("gradients (fp32)", self.gradients),
+            (f"weights ({self.weight_dtype})", self.weights),
+            (f"gradients ({self.weight_dtype})", self.gradients),
             ("optimizer states", self.optimizer_states),
             ("autocast weight copies", self.weight_copies),
             ("activations", self.activations),
@@ -104,7 +102,7 @@ class Breakdown:
             "trainable_params": self.trainable_params, "weights": self.weights, "gradients": self.gradients,
             "optimizer_states": self.optimizer_states, "weight_copies": self.weight_copies,
             "activations": self.activations, "overhead": self.overhead, "total": self.total,
-            "pure_16bit_total": self.pure_16bit_total, "state_source": self.state_source,
+            "state_source": self.state_source,
             "per_layer": self.per_layer, "settings": self.settings, "notes": self.notes,
         }
 
@@ -144,7 +142,7 @@ def estimate(
         objective=objective, vocab_size=model_plugin.vocab_size,
         num_labels=2 if objective == CLASSIFICATION else 0, device="meta",
     ))
-    model = optimizer_plugin.prepare_model(model, settings)
+    model = optimizer_plugin.prepare_model(cast_weights(model, dtype), settings)
 
     parameters = list(model.parameters())  # a tied weight appears once
     trainable = [p for p in parameters if p.requires_grad]
@@ -181,7 +179,7 @@ def autocast_weight_copy_bytes(model: Any, dtype: str) -> int:
     head), which autocast makes in the forward and autograd keeps until that layer's backward."""
     import torch
 
-    if dtype == "fp32":
+    if dtype in ("fp32", PURE_BF16):  # no autocast, so no 16-bit copies
         return 0
     seen: dict[int, int] = {}
     for module in model.modules():
@@ -246,8 +244,8 @@ def format_bytes(value: int) -> str:
 
 def footnotes(results: dict[str, Breakdown | str]) -> list[str]:
     lines = [
-        "weights: fp32 master weights (4 bytes/parameter; autocast computes in 16 bits); "
-        "gradients: fp32 per trainable parameter (per-layer: the largest single one)",
+        "weights: fp32 master weights (4 bytes/parameter; autocast computes in 16 bits), or bf16 with "
+        "--dtype bf16-pure; gradients: one per trainable parameter (per-layer: the largest single one)",
         ACTIVATION_FORMULA,
         f"framework overhead: {FRAMEWORK_OVERHEAD:.0%} of the rest (allocator slack, backward temporaries); "
         "GiB = 2^30 bytes",
@@ -294,9 +292,6 @@ def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | Non
     table.add_row("states from", *[
         ("plugin" if r.state_source == "plugin" else "generic guess") if isinstance(r, Breakdown) else ""
         for r in results.values()
-    ])
-    table.add_row("pure 16-bit total", *[
-        format_bytes(r.pure_16bit_total) if isinstance(r, Breakdown) else "" for r in results.values()
     ])
     if device_bytes is not None:
         table.add_row(f"fits in {format_bytes(device_bytes)}", *[

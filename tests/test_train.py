@@ -163,3 +163,15 @@ def test_test_mode_smoke_on_embedded_data(cli, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 1000 <= summary["tokens"] <= 1000 + 32 and (tmp_path / "run" / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["baseline", "galore8bit"])
+def test_pure_bf16_weights(cli, tmp_path, optimizer):
+    """--dtype bf16-pure: bf16 weights and optimizer moments, no fp32 copy (the paper's 7B set-up)."""
+    args = pretrain_args(tmp_path, optimizer, tokens=3000)
+    args[args.index("--dtype") + 1] = "bf16-pure"
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["param_bytes"] == 2 * summary["total_params"]
+    assert_loss_falls(tmp_path / "run")

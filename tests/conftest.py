@@ -14,6 +14,7 @@ os.environ.setdefault("LOWMEM_CACHE_DIR", tempfile.mkdtemp(prefix="lowmem-test-c
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lowmem-test-hf-"))
 
 import pytest  # noqa: E402
+from tiny_plugin import TINY_VOCAB, tiny_model_classes  # noqa: E402,F401 - shared with subprocesses
 
 import lowmem  # noqa: E402
 
@@ -27,40 +28,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-TINY_VOCAB = 384
-
-
-def tiny_model_classes():
-    """Tiny variants of the built-in models (2 layers, width 32), for CPU tests."""
-    from lowmem.plugins.models.gpt2 import GPT2
-    from lowmem.plugins.models.llama import Llama
-    from lowmem.plugins.models.roberta import Roberta
-
-    class TinyLlama(Llama):
-        name = "tiny-llama"
-        description = "2-layer LLaMA, width 32 (tests)"
-        vocab_size = TINY_VOCAB
-        max_positions = 128
-        hf_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 4}
-
-    class TinyGPT2(GPT2):
-        name = "tiny-gpt2"
-        description = "2-layer GPT-2, width 32 (tests)"
-        vocab_size = TINY_VOCAB
-        max_positions = 128
-        hf_config = {"n_embd": 32, "n_layer": 2, "n_head": 4}
-
-    class TinyRoberta(Roberta):
-        name = "tiny-roberta"
-        description = "2-layer RoBERTa, width 32 (tests)"
-        vocab_size = TINY_VOCAB
-        max_positions = 128
-        hf_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 4}
-
-    return TinyLlama, TinyGPT2, TinyRoberta
 
 
 class TinyModels:

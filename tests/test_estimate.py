@@ -156,6 +156,8 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Slow and load-sensitive (RSS of a real training process): run with -m slow on a quiet machine.
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
 @pytest.mark.parametrize("name", ["baseline", "galore"])
 def test_estimated_peak_is_close_to_measured_rss_growth(name):

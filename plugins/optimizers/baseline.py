@@ -23,7 +23,10 @@ def build_adamw(model: Any, settings: lowmem.OptimizerSettings) -> Any:
     params = trainable_parameters(model)
     if not params:
         raise lowmem.ConfigError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # The fused kernel does the whole update in one pass per tensor: ~10x faster steps on CPU
+    # than the default foreach path (bench/results.md), same state layout.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
 
 
 def adamw_state_bytes(model: Any) -> int:

@@ -78,6 +78,18 @@ def cached_rows(path: Path | None, build: Callable[[], list[dict[str, Any]]]) ->
     return rows
 
 
+_rows_in_process: dict[tuple[str, Path | None], list[dict[str, Any]]] = {}
+
+
+def built_once(name: str, cache_dir: Path | None, build: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of an embedded dataset: built once per Python version into a JSONL file under
+    ``cache_dir`` and kept in memory for the rest of the process."""
+    path = None if cache_dir is None else Path(cache_dir) / "datasets" / f"{name}.jsonl"
+    if (name, path) not in _rows_in_process:
+        _rows_in_process[(name, path)] = cached_rows(path, build)
+    return _rows_in_process[(name, path)]
+
+
 def text_records(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Only the public fields of cached rows (caches may keep provenance alongside)."""
     for row in rows:

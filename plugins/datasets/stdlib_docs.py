@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lowmem
-from lowmem.plugins.datasets.common import cached_rows, select_split, shuffled, text_records
+from lowmem.plugins.datasets.common import built_once, select_split, shuffled, text_records
 
 # Part of the cache file name: bump it when the extraction changes, so old caches are ignored.
 FORMAT_VERSION = 1
@@ -99,19 +99,9 @@ def build_documents() -> list[dict[str, Any]]:
     return [row for row in rows if row["text"]]
 
 
-_documents_in_process: dict[Path | None, list[dict[str, Any]]] = {}
-
-
 def documents(cache_dir: Path | None) -> list[dict[str, Any]]:
     """The whole corpus, from the JSONL cache under ``cache_dir`` when there is one."""
-    path = (
-        None
-        if cache_dir is None
-        else Path(cache_dir) / "datasets" / f"stdlib-docs-v{FORMAT_VERSION}-{PYTHON_TAG}.jsonl"
-    )
-    if path not in _documents_in_process:
-        _documents_in_process[path] = cached_rows(path, build_documents)
-    return _documents_in_process[path]
+    return built_once(f"stdlib-docs-v{FORMAT_VERSION}-{PYTHON_TAG}", cache_dir, build_documents)
 
 
 class StdlibDocs(lowmem.Dataset):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lowmem
-from lowmem.plugins.datasets.common import cached_rows, select_split, shuffled, stable_fraction, text_records
+from lowmem.plugins.datasets.common import built_once, select_split, shuffled, stable_fraction, text_records
 from lowmem.plugins.datasets.stdlib_docs import PYTHON_TAG, all_docstrings
 
 # Part of the cache file name: bump it when the extraction changes, so old caches are ignored.
@@ -69,18 +69,8 @@ def build_examples() -> list[dict[str, Any]]:
     return examples
 
 
-_examples_in_process: dict[Path | None, list[dict[str, Any]]] = {}
-
-
 def examples(cache_dir: Path | None) -> list[dict[str, Any]]:
-    path = (
-        None
-        if cache_dir is None
-        else Path(cache_dir) / "datasets" / f"stdlib-topics-v{FORMAT_VERSION}-{PYTHON_TAG}.jsonl"
-    )
-    if path not in _examples_in_process:
-        _examples_in_process[path] = cached_rows(path, build_examples)
-    return _examples_in_process[path]
+    return built_once(f"stdlib-topics-v{FORMAT_VERSION}-{PYTHON_TAG}", cache_dir, build_examples)
 
 
 class StdlibTopics(lowmem.Dataset):

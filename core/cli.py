@@ -188,8 +188,9 @@ def resolve_train_config(params: dict[str, Any], note=None) -> Any:
 
 # -- listings ----------------------------------------------------------------------------------
 def _print_table(title: str, attr: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from lowmem.progress import results_console
 
     reg = registry()
     table = Table(title=title)
@@ -201,7 +202,7 @@ def _print_table(title: str, attr: str) -> None:
         if entry.conflicts:
             origin += " [red](conflicts with " + ", ".join(entry.conflicts) + ")[/red]"
         table.add_row(name, entry.obj.description, origin)
-    Console(soft_wrap=False).print(table)
+    results_console().print(table)
 
 
 @app.command("list-optimizers")
@@ -225,8 +226,9 @@ def list_datasets() -> None:
 @app.command("plugins")
 def plugins() -> None:
     """Every loaded plugin: where it comes from, its hooks, and whether it loaded."""
-    from rich.console import Console
     from rich.table import Table
+
+    from lowmem.progress import results_console
 
     table = Table(title="plugins")
     for column in ("name", "from", "hooks", "status"):
@@ -234,7 +236,7 @@ def plugins() -> None:
     for info in registry().plugins:
         status = info.status if info.status == "ok" else f"[red]{info.status}[/red]"
         table.add_row(info.name, info.origin, ", ".join(info.hooks), status)
-    Console(soft_wrap=False).print(table)
+    results_console().print(table)
 
 
 @config_app.command("show")

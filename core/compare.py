@@ -246,8 +246,9 @@ def write_reports(parent: Path, results: list[RunResult], settings: Mapping[str,
 
 
 def print_table(results: list[RunResult], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from lowmem.progress import results_console
 
     header, rows = table_rows(results)
     table = Table(title=title, caption=FOOTNOTE)
@@ -255,7 +256,7 @@ def print_table(results: list[RunResult], title: str) -> None:
         table.add_column(name, justify="left" if name in ("optimizer", "status") else "right")
     for row in rows:
         table.add_row(*row)
-    Console(soft_wrap=False).print(table)
+    results_console().print(table)
 
 
 def _first_line(exc: BaseException) -> str:

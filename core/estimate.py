@@ -269,8 +269,9 @@ def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | Non
         }
         print(json.dumps(data, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from lowmem.progress import results_console
 
     first = next((r for r in results.values() if isinstance(r, Breakdown)), None)
     title = "memory estimate"
@@ -298,7 +299,7 @@ def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | Non
             ("[green]yes[/green]" if r.fits(device_bytes) else "[red]no[/red]") if isinstance(r, Breakdown) else ""
             for r in results.values()
         ])
-    console = Console(soft_wrap=False)
+    console = results_console()
     console.print(table)
     for name, r in results.items():
         if not isinstance(r, Breakdown):

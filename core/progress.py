@@ -70,3 +70,12 @@ class Progress:
 
 
 human_bytes = _human_bytes
+
+
+def results_console(stream=None):
+    """A rich console for result tables on stdout: when stdout is a file or pipe, tables are
+    drawn wide instead of squeezed to 80 columns with truncated cells."""
+    from rich.console import Console
+
+    out = stream or sys.stdout
+    return Console(file=out, soft_wrap=False, width=None if out.isatty() else 240)

@@ -95,10 +95,9 @@ class RunFiles:
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:
     """The end-of-run table, on stdout: results are output, progress is not."""
-    from rich.console import Console
     from rich.table import Table
 
-    from lowmem.progress import human_bytes
+    from lowmem.progress import human_bytes, results_console
 
     table = Table(title=f"lowmem run: {summary.get('model')} / {summary.get('optimizer')}")
     table.add_column("metric")
@@ -113,4 +112,4 @@ def print_summary(summary: dict[str, Any], stream=None) -> None:
         else:
             shown = f"{value:,}" if isinstance(value, int) else str(value)
         table.add_row(key, shown)
-    Console(file=stream, soft_wrap=False).print(table)
+    results_console(stream).print(table)

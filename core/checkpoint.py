@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.api import ConfigError
+from lowmem.text import first_line
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -70,14 +71,20 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def clean_stale(run_dir: Path) -> list[Path]:
-    """Remove temporary folders a killed save left behind."""
+    """Remove temporary folders a killed save left behind. A copy moved aside while its step was
+    being saved again goes back if the new copy never arrived."""
     removed = []
     folder = checkpoints_dir(run_dir)
     if folder.is_dir():
         for child in folder.iterdir():
-            if child.name.startswith(TMP_PREFIX):
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
+            if not child.name.startswith(TMP_PREFIX):
+                continue
+            original = folder / child.name.removeprefix(f"{TMP_PREFIX}replaced-")
+            if child.name.startswith(f"{TMP_PREFIX}replaced-") and not original.exists():
+                os.replace(child, original)
+                continue
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
     return removed
 
 
@@ -110,29 +117,58 @@ def save(run_dir: Path, step: int, writer, keep: int) -> Path:
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync_file(path)
             files[str(path.relative_to(tmp))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+            _fsync_dir(sub)
         _fault_point("manifest", step)
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
         _fsync_file(manifest)
         _fsync_dir(tmp)
         _fault_point("rename", step)
-        if final.exists():  # the same step saved again (e.g. resumed and stopped at once)
-            shutil.rmtree(final)
+        # The same step saved again (a resumed run stopped at once): move the old copy aside
+        # first, so some complete copy exists at every moment.
+        replaced = folder / f"{TMP_PREFIX}replaced-step-{step}"
+        if final.exists():
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(folder)
-    except OSError as exc:
+        shutil.rmtree(replaced, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001 - OSError, safetensors' and torch's own errors alike
         shutil.rmtree(tmp, ignore_errors=True)
-        where = exc.filename or str(tmp)
-        raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc} ({where})") from None
-    rotate(run_dir, keep)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        where = getattr(exc, "filename", None) or str(tmp)
+        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({where})") from None
+    rotate(run_dir, keep, protect=final)
     return final
 
 
-def rotate(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; the newest is never deleted."""
+def rotate(run_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints; the newest, and ``protect`` (the one just
+    written), are never deleted."""
     complete = complete_checkpoints(run_dir)
     for old in complete[: max(0, len(complete) - max(1, keep))]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_newer(run_dir: Path, resumed_from: Path) -> list[Path]:
+    """Resuming from an older checkpoint abandons the newer ones (another future of this run):
+    rename them out of the way, so rotation and ``latest`` only see this run's, and nothing is deleted."""
+    moved = []
+    step = int(_STEP_DIR.match(resumed_from.name).group(1)) if _STEP_DIR.match(resumed_from.name) else None
+    if step is None or resumed_from.parent != checkpoints_dir(run_dir):
+        return moved
+    for checkpoint in complete_checkpoints(run_dir):
+        newer = int(checkpoint.name.split("-")[1])
+        if newer > step:
+            target = checkpoint.with_name(f"abandoned-{checkpoint.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = checkpoint.with_name(f"abandoned-{n}-{checkpoint.name}")
+            os.replace(checkpoint, target)
+            moved.append(target)
+    return moved
 
 
 def verify(checkpoint: Path) -> dict[str, Any]:

@@ -114,6 +114,8 @@ def _choice(choices: tuple[str, ...]):
 
 
 def _existing_file(value: Path | None) -> Path | None:
+    if value is not None and value.is_dir():
+        raise typer.BadParameter(f"{str(value)!r} is a directory, not a file")
     if value is not None and not value.is_file():
         raise typer.BadParameter(f"file {str(value)!r} does not exist")
     return value

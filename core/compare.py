@@ -18,6 +18,7 @@ from typing import Any
 
 from lowmem.api import ConfigError
 from lowmem.registry import Registry
+from lowmem.text import first_line, format_bytes
 
 EXIT_REASONS = {2: "bad input", 3: "non-finite loss or gradient", 130: "interrupted", 143: "terminated"}
 
@@ -111,8 +112,12 @@ def run_all(
         except ConfigError as exc:
             result.status, result.reason = "failed", str(exc)
         except (Exception, MemoryError) as exc:  # noqa: BLE001 - one failed run must not stop the rest
-            result.status, result.reason = "failed", f"{type(exc).__name__}: {_first_line(exc)}"
+            result.status, result.reason = "failed", f"{type(exc).__name__}: {first_line(exc)}"
         else:
+            if code in (130, 143):  # the user stopped it: stop the whole comparison too
+                result.status, result.reason = "failed", "stopped by signal"
+                say("compare: stopped by signal; the remaining optimizers were not run")
+                break
             if code != 0:
                 result.status = "failed"
                 result.reason = f"exit code {code} ({EXIT_REASONS.get(code, 'error')})"
@@ -184,13 +189,6 @@ def format_value(value: float | None, kind: str) -> str:
     return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
-def format_bytes(value: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value} B"
-
-
 def table_rows(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per optimizer): each figure, then ×ratio to baseline if it ran."""
     baseline = next((r for r in results if r.optimizer == BASELINE), None)
@@ -259,6 +257,3 @@ def print_table(results: list[RunResult], title: str) -> None:
     results_console().print(table)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

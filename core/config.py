@@ -116,19 +116,26 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"{text!r} is not a size (examples: 24GB, 80GiB, 512MB)")
     unit = (match.group(2) or "b")[0]
     scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
-    return int(float(match.group(1)) * scale)
+    value = float(match.group(1)) * scale
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite size")
+    return int(value)
 
 
 # -- optimizer config files ------------------------------------------------------------------
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON object from ``path``; problems name the file."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"config file {str(file)!r} is a directory, not a JSON file")
     if not file.is_file():
         raise ConfigError(f"config file {str(file)!r} does not exist")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(file)!r} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(file)!r} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(file)!r} must hold a JSON object, not {type(data).__name__}")
     return data

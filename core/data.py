@@ -24,7 +24,7 @@ IGNORE_INDEX = -100  # label value the losses skip
 MASK_PROBABILITY = 0.15
 ENCODE_CHUNK = 256  # texts per tokenizer call: the Rust tokenizer encodes a list in parallel
 # Tokenized texts kept per tokenizer in this process; beyond it (streamed corpora) re-tokenize.
-MAX_CACHED_TOKENS = 50_000_000
+MAX_CACHED_TOKENS = 5_000_000  # ~200 MB of Python ints at most; the embedded corpus is 0.5 M
 EVAL_EPOCH = -1  # masking-seed epoch for eval batches, distinct from every training epoch
 
 Batch = dict[str, "torch.Tensor"]

@@ -28,6 +28,7 @@ from typing import Any
 
 from lowmem.api import CLASSIFICATION, ConfigError, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.assemble import PURE_BF16, cast_weights
+from lowmem.text import format_bytes
 
 GENERIC_GUESS = "generic AdamW-like guess"
 FRAMEWORK_OVERHEAD = 0.10
@@ -235,13 +236,6 @@ def state_reduction(state_bytes: int, trainable_params: int, bytes_per_moment: i
 
 
 # -- output ----------------------------------------------------------------------------------
-def format_bytes(value: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value} B"
-
-
 def footnotes(results: dict[str, Breakdown | str]) -> list[str]:
     lines = [
         "weights: fp32 master weights (4 bytes/parameter; autocast computes in 16 bits), or bf16 with "

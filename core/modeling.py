@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowmem.api import CAUSAL_LM, CLASSIFICATION, MASKED_LM, ConfigError, Model, ModelRequest
+from lowmem.text import first_line
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -85,7 +86,7 @@ def load_pretrained(cls: Any, request: ModelRequest) -> torch.nn.Module:
             request.weights, trust_remote_code=request.trust_remote_code, dtype=torch.float32, **extra
         )
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"could not load weights from {request.weights}: {_first_line(exc)}") from None
+        raise ConfigError(f"could not load weights from {request.weights}: {first_line(exc)}") from None
     if model.get_input_embeddings().num_embeddings != request.vocab_size:
         model.resize_token_embeddings(request.vocab_size)
     return model.to(request.device)
@@ -102,7 +103,7 @@ def refuse_unrequested_remote_code(weights: str, trust_remote_code: bool) -> Non
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{config_path}: not a readable config.json ({_first_line(exc)})") from None
+        raise ConfigError(f"{config_path}: not a readable config.json ({first_line(exc)})") from None
     if isinstance(config, dict) and config.get("auto_map"):
         raise ConfigError(f"{weights} ships its own code; pass --trust-remote-code to allow it")
 
@@ -165,6 +166,3 @@ def resolve_weights(
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

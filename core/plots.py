@@ -38,7 +38,10 @@ def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: the rest still plots
+            continue
         if "loss" in row and "step" in row:
             steps.append(int(row["step"]))
             losses.append(float(row["loss"]))

@@ -6,13 +6,7 @@ import sys
 import time
 from typing import Any
 
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from lowmem.text import format_bytes
 
 
 class Progress:
@@ -55,7 +49,7 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         info = (
             f"tokens {tokens:,}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_second:,.0f} tok/s  "
-            f"mem {_human_bytes(memory)}"
+            f"mem {format_bytes(memory)}"
         )
         if self.bar is not None:
             self.bar.update(self.task, completed=min(step, self.total), info=info)
@@ -69,7 +63,6 @@ class Progress:
             self.bar = None
 
 
-human_bytes = _human_bytes
 
 
 def results_console(stream=None):

@@ -4,6 +4,7 @@ defaults, and refuse what cannot work, all before any model is built."""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -114,6 +115,7 @@ def build_train_config(
             f"{output_dir} already holds a run; choose another --output-dir or continue it with --resume latest"
         )
 
+    _check_writable_folder(Path(output_dir))
     report_to = tuple(x.strip() for x in str(params.get("report_to") or "").split(",") if x.strip())
     for target in report_to:
         if target not in ("tensorboard", "wandb"):
@@ -157,6 +159,20 @@ def build_train_config(
         cache_dir=str(default_cache_dir(environ)),
         report_to=report_to,
     )
+
+
+def _check_writable_folder(path: Path) -> None:
+    """The run folder must be (or become) a writable directory: found now, not after the model
+    is built."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--output-dir {path} cannot be written: {existing} is read-only")
 
 
 def _run_dir_of(path: Path) -> Path:

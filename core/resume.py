@@ -19,8 +19,10 @@ from lowmem.api import ConfigError
 from lowmem.config import TrainConfig
 
 # Changing these would make the saved state meaningless for the new run.
+# lr and weight_decay live in the saved optimizer and schedule, so a new value would be ignored.
 MUST_MATCH = ("mode", "optimizer", "model", "dataset", "dataset_source", "batch_size", "max_length",
-              "grad_accum", "optimizer_config", "dtype", "seed", "shuffle", "tokenizer", "model_path")
+              "grad_accum", "optimizer_config", "dtype", "seed", "shuffle", "tokenizer", "model_path",
+              "lr", "weight_decay", "min_lr_ratio")
 
 
 @dataclass
@@ -67,9 +69,6 @@ def save(run, state: TrainState, dist, run_dir: Path) -> Path | None:
     import safetensors.torch
 
     rng_per_rank = dist.gather(_rng_state())
-    if not dist.is_main:
-        dist.barrier()
-        return None
 
     def write(folder: Path) -> None:
         safetensors.torch.save_model(run.model, str(folder / "model.safetensors"))
@@ -80,14 +79,21 @@ def save(run, state: TrainState, dist, run_dir: Path) -> Path | None:
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
             "world_size": dist.world_size,
+            "resolved_dtype": run.dtype,
             "config": run.config.to_json(),
         }, indent=1))
         run.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
-    try:
-        path = checkpoint.save(run_dir, state.step, write, run.config.keep_checkpoints)
-    finally:
-        dist.barrier()
+    path, error = None, None
+    if dist.is_main:
+        try:
+            path = checkpoint.save(run_dir, state.step, write, run.config.keep_checkpoints)
+        except checkpoint.CheckpointError as exc:
+            error = str(exc)
+    # Every rank learns whether rank 0's save worked, so all stop together instead of hanging.
+    error = dist.broadcast(error)
+    if error:
+        raise checkpoint.CheckpointError(error)
     return path
 
 
@@ -113,6 +119,9 @@ def load(run, path: Path, dist, note) -> TrainState:
 
     meta = json.loads((path / "trainer_state.json").read_text())
     check_compatible(meta["config"], run.config, dist.world_size, meta["world_size"], note)
+    if meta.get("resolved_dtype", run.dtype) != run.dtype:  # --dtype auto can resolve differently elsewhere
+        raise ConfigError(f"cannot resume: the checkpoint trained in {meta['resolved_dtype']}, this run would use "
+                          f"{run.dtype}; pass --dtype {meta['resolved_dtype']}")
     missing, unexpected = safetensors.torch.load_model(run.model, str(path / "model.safetensors"), strict=False,
                                                        device=str(run.device))
     if missing or unexpected:

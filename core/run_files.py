@@ -78,8 +78,14 @@ class RunFiles:
         """On resume: forget rows a killed run logged after its last checkpoint."""
         if not self.is_main or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= after_step]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("step", 0) <= after_step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -97,7 +103,8 @@ def print_summary(summary: dict[str, Any], stream=None) -> None:
     """The end-of-run table, on stdout: results are output, progress is not."""
     from rich.table import Table
 
-    from lowmem.progress import human_bytes, results_console
+    from lowmem.progress import results_console
+    from lowmem.text import format_bytes
 
     table = Table(title=f"lowmem run: {summary.get('model')} / {summary.get('optimizer')}")
     table.add_column("metric")
@@ -106,7 +113,7 @@ def print_summary(summary: dict[str, Any], stream=None) -> None:
         if key in ("model", "optimizer", "output_dir"):
             continue
         if key.endswith("_bytes") and isinstance(value, int):
-            shown = human_bytes(value)
+            shown = format_bytes(value)
         elif isinstance(value, float):
             shown = f"{value:.4g}"
         else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowmem.api import MASKED_LM, ConfigError, DataRequest, Model
+from lowmem.text import first_line
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerFast
@@ -81,7 +82,7 @@ def _load_named(name: str, option: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{option} {name}: could not load a tokenizer ({_first_line(exc)})") from None
+        raise ConfigError(f"{option} {name}: could not load a tokenizer ({first_line(exc)})") from None
 
 
 def cached_hub_tokenizer(hub_id: str) -> Any | None:
@@ -189,6 +190,3 @@ def save_atomically(tokenizer: Any, folder: Path) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,6 +21,7 @@ from typing import Any
 import lowmem
 from lowmem import ConfigError
 from lowmem.plugins.datasets.common import select_split, shuffled
+from lowmem.text import first_line
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_FILE = re.compile(r"^(eval|valid|validation|test)([-_.].*)?$", re.IGNORECASE)
@@ -76,7 +77,7 @@ def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - every parser failure becomes one clear message
         cause = exc.__cause__ or exc
         raise ConfigError(
-            f"{path}: cannot read it as {builder} ({type(cause).__name__}: {_first_line(cause)})"
+            f"{path}: cannot read it as {builder} ({type(cause).__name__}: {first_line(cause)})"
         ) from None
     finally:
         if bars_were_on:
@@ -165,11 +166,6 @@ class Files(lowmem.Dataset):
                 data.train, request.split, EVAL_FRACTION[data.kind], key=lambda row: row["text"]
             )
         return (dict(row) for row in shuffled(rows, request.seed, request.epoch))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @lowmem.hookimpl

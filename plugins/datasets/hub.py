@@ -18,6 +18,7 @@ from typing import Any
 
 import lowmem
 from lowmem import ConfigError
+from lowmem.text import first_line
 
 SHUFFLE_BUFFER = 10_000
 TEXT_COLUMNS = ("text", "sentence", "content", "document")
@@ -71,7 +72,7 @@ def open_split(source: HubSource, split: str) -> Any:
         except Exception as exc:  # noqa: BLE001 - network and hub failures become one message
             raise ConfigError(
                 f"dataset {source}: could not open it on the Hugging Face hub "
-                f"({type(exc).__name__}: {_first_line(exc)}); offline? use a local --dataset PATH"
+                f"({type(exc).__name__}: {first_line(exc)}); offline? use a local --dataset PATH"
             ) from None
     raise ConfigError(f"dataset {source} has no {'/'.join(SPLIT_NAMES[split])} split ({last_error})")
 
@@ -121,11 +122,6 @@ class Hub(lowmem.Dataset):
                 yield {"text": row[column], "label": int(row["label"])}
             elif not labelled:
                 yield {"text": row[column]}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @lowmem.hookimpl

@@ -33,7 +33,7 @@ def register_optimizers(register):
 def check_lora_config(config: Mapping[str, Any]) -> None:
     if not isinstance(config["r"], int) or config["r"] <= 0:
         raise lowmem.ConfigError(f"'r' must be a positive integer, got {config['r']!r}")
-    if config["lora_alpha"] <= 0:
+    if not config["lora_alpha"] > 0:  # also refuses NaN
         raise lowmem.ConfigError(f"'lora_alpha' must be > 0, got {config['lora_alpha']!r}")
     if not 0 <= config["lora_dropout"] < 1:
         raise lowmem.ConfigError(f"'lora_dropout' must be in [0, 1), got {config['lora_dropout']!r}")

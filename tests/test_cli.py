@@ -136,3 +136,21 @@ def test_test_mode_caps_are_in_the_resolved_config(tiny_registry, tmp_path):
                   weight_decay=0.0, test=True, output_dir=tmp_path / "r")
     config = build_train_config(params, tiny_registry, environ={}, note=lambda m: None)
     assert config.max_steps == 4 and config.max_length == 128 and config.dataset == "stdlib-topics"
+
+
+def test_output_dir_that_is_a_file_is_refused_early(cli, captured, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for target in (blocker, blocker / "run"):
+        result = cli(*BASE, "--output-dir", target)
+        assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_config_path_that_is_a_directory(cli, captured, tmp_path):
+    result = cli(*BASE, "--optimizer-config", tmp_path)
+    assert result.exit_code == 2 and "is a directory" in result.output
+
+
+def test_estimate_rejects_an_infinite_device_memory(cli):
+    result = cli("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--device-memory", "1e999")
+    assert result.exit_code == 2 and "Traceback" not in result.output

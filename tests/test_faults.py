@@ -219,3 +219,48 @@ def test_plugin_failing_mid_run_is_named(faulty_cli, tmp_path):
     assert "dataset 'breaks-mid-run'" in result.output and "records()" in result.output
     assert "the network share went away" in result.output and "Traceback" not in result.output
     assert all(verify(p) for p in complete_checkpoints(tmp_path / "run"))
+
+
+class EmptyTrainSplit(lowmem.Dataset):
+    name = "empty-train"
+    description = "nothing to train on"
+
+    def records(self, request):
+        if request.split == "eval":
+            yield {"text": "held out " * 40}
+
+
+def test_data_too_small_for_one_step_is_an_error_not_an_endless_loop(cli, tmp_path, monkeypatch):
+    from lowmem import cli as cli_module
+
+    class Plugin:
+        @lowmem.hookimpl
+        def register_datasets(self, register):
+            register(EmptyTrainSplit())
+
+    monkeypatch.setattr(cli_module, "EXTRA_PLUGINS", [TinyModels(), Plugin()])
+    cli_module.reset_registry()
+    result = cli(*pretrain_args(tmp_path, "baseline", extra=["--dataset", "empty-train"]))
+    assert result.exit_code == 2 and "too small" in result.output
+
+
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(cli, tmp_path):
+    from lowmem.checkpoint import complete_checkpoints
+
+    args, saved = _two_checkpoints(cli, tmp_path)
+    assert [p.name for p in saved] == ["step-3", "step-6", "step-9", "step-12", "step-13"]
+    result = cli(*args, "--resume", str(saved[0]), "--keep-checkpoints", "1")
+    assert result.exit_code == 0, result.output
+    assert "abandoned" in result.output
+    # The resumed run's own final checkpoint survives rotation; the abandoned ones are kept aside.
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-13"]
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").glob("abandoned-*")} == {
+        "abandoned-step-6", "abandoned-step-9", "abandoned-step-12", "abandoned-step-13"}
+
+
+def test_changed_learning_rate_on_resume_is_refused(cli, tmp_path):
+    args, _ = _two_checkpoints(cli, tmp_path)
+    changed = list(args)
+    changed[changed.index("--lr") + 1] = "5e-2"
+    result = cli(*changed, "--resume", "latest")
+    assert result.exit_code == 2 and "lr" in result.output

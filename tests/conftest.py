@@ -47,6 +47,26 @@ def tiny_registry():
     return load_registry("", extra=[TinyModels()])
 
 
+@pytest.fixture(scope="module")
+def registry():
+    """One registry (built-ins plus tiny models) shared by a test module."""
+    from lowmem.registry import load_registry
+
+    return load_registry("", extra=[TinyModels()])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(registry):
+    """The fallback BPE at the tiny models' vocabulary, from the tests' private cache."""
+    from pathlib import Path
+
+    from lowmem.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer=None, model_path=None, model_plugin=registry.model("tiny-roberta"),
+                          cache_dir=Path(os.environ["LOWMEM_CACHE_DIR"]), registry=registry,
+                          warn=lambda message: None)
+
+
 @pytest.fixture
 def cli(monkeypatch):
     """A CliRunner-driven ``lowmem`` with the tiny models registered; returns invoke(args)."""

@@ -10,28 +10,12 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from conftest import TinyModels
 
 import lowmem
 from lowmem.data import DataSpec, count_tokens, dataset_kind, eval_batches, label_names, train_batches
-from lowmem.registry import load_registry
-from lowmem.tokenizer import load_tokenizer
 
 CACHE = Path(os.environ["LOWMEM_CACHE_DIR"])
 PARAGRAPHS = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry("", extra=[TinyModels()])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(registry):
-    return load_tokenizer(
-        tokenizer=None, model_path=None, model_plugin=registry.model("tiny-roberta"),
-        cache_dir=CACHE, registry=registry, warn=lambda message: None,
-    )
 
 
 @pytest.fixture(scope="module")

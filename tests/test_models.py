@@ -11,30 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VOCAB, TinyModels
+from conftest import TINY_VOCAB
 
 import lowmem
 from lowmem.data import DataSpec, train_batches
 from lowmem.modeling import refuse_unrequested_remote_code, resolve_weights
-from lowmem.registry import load_registry
-from lowmem.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry("", extra=[TinyModels()])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(registry):
-    return load_tokenizer(
-        tokenizer=None,
-        model_path=None,
-        model_plugin=registry.model("tiny-roberta"),
-        cache_dir=Path(os.environ["LOWMEM_CACHE_DIR"]),
-        registry=registry,
-        warn=lambda message: None,
-    )
 
 
 def on_meta(registry, name, objective=None, vocab=32000, num_labels=0):

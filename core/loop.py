@@ -122,7 +122,6 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
 
     pretraining = config.mode == "pretraining"
     progress = Progress(run.total_steps, enabled=dist.is_main)
-    progress.update(state.step, state.tokens, float("nan"), run.scheduler.get_last_lr()[0], 0.0, 0)
     batches = iter(train_batches(run.data, state.epoch, skip=state.batch_in_epoch))
     grad_accum = config.grad_accum
     params = [p for p in run.model.parameters() if p.requires_grad]

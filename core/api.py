@@ -72,7 +72,7 @@ class Optimizer:
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
         """Write the trained model in Hugging Face format. LoRA also writes its adapter."""
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
 
 
 @dataclass(frozen=True)

@@ -154,10 +154,11 @@ def rotate(run_dir: Path, keep: int, protect: Path | None = None) -> None:
 def set_aside_newer(run_dir: Path, resumed_from: Path) -> list[Path]:
     """Resuming from an older checkpoint abandons the newer ones (another future of this run):
     rename them out of the way, so rotation and ``latest`` only see this run's, and nothing is deleted."""
-    moved = []
-    step = int(_STEP_DIR.match(resumed_from.name).group(1)) if _STEP_DIR.match(resumed_from.name) else None
-    if step is None or resumed_from.parent != checkpoints_dir(run_dir):
+    moved: list[Path] = []
+    match = _STEP_DIR.match(resumed_from.name)
+    if match is None or resumed_from.parent != checkpoints_dir(run_dir):
         return moved
+    step = int(match.group(1))
     for checkpoint in complete_checkpoints(run_dir):
         newer = int(checkpoint.name.split("-")[1])
         if newer > step:

@@ -307,7 +307,7 @@ def estimate(
                 if optimizer is not None:
                     raise
                 results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
-        print_estimates(results, device_memory, as_json=as_json)
+        print_estimates(results, device_memory, as_json=as_json)  # type: ignore[arg-type]  # _size made it int
 
 
 @app.command(context_settings={
@@ -329,7 +329,7 @@ def compare(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--optimizers") from None
         # Let `train` itself parse and check the remaining options: one definition of each.
-        train_command = typer.main.get_command(app).commands["train"]
+        train_command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
         train_args = [*ctx.args, "--optimizer", names[0]]
         train_context = train_command.make_context("lowmem compare", train_args, parent=ctx)
         params = dict(train_context.params)

@@ -26,7 +26,7 @@ from lowmem.registry import PluginFault, Registry
 from lowmem.run_files import RunFiles, library_versions, print_summary
 
 EXIT_OK, EXIT_PLUGIN_FAULT, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 1, 2, 3
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class NonFiniteError(RuntimeError):
@@ -249,7 +249,7 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
                 progress.close()
                 say(f"stopped by signal at step {state.step}; checkpoint saved; continue with --resume latest "
                     f"--output-dir {run_dir}")
-                exit_code = EXIT_SIGNAL[stop_signal[0]] if stop_signal else EXIT_SIGNAL[signal.SIGTERM]
+                exit_code = EXIT_SIGNAL.get(stop_signal[0] if stop_signal else signal.SIGTERM, 143)
                 break
 
     except BaseException:
@@ -293,7 +293,7 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
     return EXIT_OK
 
 
-def evaluate(run: Run) -> dict[str, float]:
+def evaluate(run: Run) -> dict[str, float | None]:
     """Loss over the held-out split weighted by real target tokens (padding excluded), with
     perplexity for language modelling and accuracy for classification."""
     import torch

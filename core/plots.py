@@ -32,7 +32,8 @@ def _pyplot() -> Any:
 def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     """(steps, training losses) logged in ``run_dir/metrics.jsonl`` (eval rows have no ``loss``)."""
     path = Path(run_dir) / "metrics.jsonl"
-    steps, losses = [], []
+    steps: list[int] = []
+    losses: list[float] = []
     if not path.is_file():
         return steps, losses
     for line in path.read_text(encoding="utf-8").splitlines():

@@ -42,7 +42,7 @@ def _rng_state() -> dict[str, Any]:
     import torch
 
     version, keys, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "python": [version, list(keys), gauss],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],

@@ -85,8 +85,8 @@ def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
     if "text" not in table.column_names:
         columns = ", ".join(table.column_names) or "none"
         raise ConfigError(f"{path}: no 'text' column (columns: {columns})")
-    columns = ["text", "label"] if "label" in table.column_names else ["text"]
-    rows = table.select_columns(columns).to_list()
+    wanted = ["text", "label"] if "label" in table.column_names else ["text"]
+    rows = table.select_columns(wanted).to_list()
     for number, row in enumerate(rows, start=1):
         if not isinstance(row["text"], str):
             raise ConfigError(f"{path}: row {number}: 'text' must be a string, got {row['text']!r}")

@@ -5,7 +5,7 @@ same optimizer. ``per_layer: true`` steps each parameter from its gradient hook.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import lowmem
 
@@ -42,7 +42,7 @@ class GaLore(lowmem.Optimizer):
     name = "galore"
     description = "GaLore: AdamW with low-rank projected gradients on attention/MLP weights"
     default_config = dict(GALORE_DEFAULTS)
-    config_files = ("galore",)
+    config_files: ClassVar[tuple[str, ...]] = ("galore",)
 
     def full_config(self, settings: lowmem.OptimizerSettings) -> dict[str, Any]:
         config = {**self.default_config, **settings.config}

@@ -7,7 +7,7 @@ elements stay fp32 (bitsandbytes' rule).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lowmem
 from lowmem.plugins.optimizers.galore import GALORE_DEFAULTS, GaLore
@@ -36,7 +36,7 @@ class GaLore8bit(GaLore):
     name = "galore8bit"
     description = "GaLore with 8-bit Adam states (bitsandbytes), CPU and GPU"
     default_config = dict(GALORE8BIT_DEFAULTS)
-    config_files = ("galore",)
+    config_files: ClassVar[tuple[str, ...]] = ("galore",)
 
     def build(self, model, settings):
         from lowmem.plugins.optimizers.galore_common import build_galore

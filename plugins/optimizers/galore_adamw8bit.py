@@ -111,8 +111,8 @@ def share_quantization_maps(optimizers: list[torch.optim.Optimizer]) -> None:
                     maps.setdefault(name, state[key])
     for optimizer in optimizers:
         for name in ("dynamic", "udynamic"):
-            maps.setdefault(name, optimizer.name2qmap[name])
-        optimizer.name2qmap.update(maps)
+            maps.setdefault(name, optimizer.name2qmap[name])  # type: ignore[attr-defined]
+        optimizer.name2qmap.update(maps)  # type: ignore[attr-defined]
         for state in optimizer.state.values():
             for key, name in (("qmap1", "dynamic"), ("qmap2", "udynamic")):
                 if key in state:

@@ -204,7 +204,8 @@ def galore_state_bytes(
             continue
         moment_numel = p.numel()
         if id(p) in projected_ids:
-            moment_shape, projector_numel = low_rank_shapes(*p.shape, config["rank"], config["proj_type"])
+            rows, cols = p.shape
+            moment_shape, projector_numel = low_rank_shapes(rows, cols, config["rank"], config["proj_type"])
             moment_numel = math.prod(moment_shape)
             total += projector_numel * p.element_size()
         if min_8bit_size is None:

@@ -175,6 +175,37 @@ def estimate(
     )
 
 
+def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str, batch_size: int,
+                  max_length: int, dtype: str, per_layer: bool, grad_accum: int,
+                  optimizer_config_file: Any = None) -> dict[str, Breakdown | str]:
+    """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
+    that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
+    from lowmem.config import DEFAULT_DATASETS, merge_optimizer_config, read_config_file
+
+    model_plugin = registry.model(model)
+    if max_length > model_plugin.max_positions:
+        raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows "
+                          f"({model_plugin.max_positions} positions)")
+    file_data = read_config_file(optimizer_config_file) if optimizer_config_file is not None else None
+    files = [(str(optimizer_config_file), file_data)] if file_data is not None else []
+    dataset = registry.datasets.get(DEFAULT_DATASETS[mode])
+    objective = model_plugin.objective(mode, dataset.obj.kind if dataset else "text")
+    results: dict[str, Breakdown | str] = {}
+    for name in [optimizer] if optimizer is not None else sorted(registry.optimizers):
+        try:
+            optimizer_plugin = registry.optimizer(name)
+            results[name] = estimate(
+                model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
+                max_length=max_length, dtype=dtype, optimizer_config=merge_optimizer_config(optimizer_plugin, files),
+                per_layer=per_layer, grad_accum=grad_accum,
+            )
+        except ConfigError as exc:
+            if optimizer is not None:
+                raise
+            results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
+    return results
+
+
 def autocast_weight_copy_bytes(model: Any, dtype: str) -> int:
     """16-bit copies of every matmul weight (nn.Linear, GPT-2's Conv1D, LoRA factors, the LM
     head), which autocast makes in the forward and autograd keeps until that layer's backward."""

@@ -126,12 +126,6 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def check_replicas(self, model) -> None:
         """Fail unless every rank holds bit-identical parameters. DDP keeps replicas equal only
         while each rank applies the same update to the same all-reduced gradient; an optimizer

@@ -132,15 +132,18 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
     fruitless_epochs = 0
     exit_code = EXIT_OK
 
+    def start_next_epoch() -> None:
+        nonlocal batches
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        batches = iter(train_batches(run.data, state.epoch))
+
     def next_micro_batch() -> Any:
         """The next batch of this rank, moving to the next epoch when one ends. None when the
         data is done (finetuning epochs) or any rank ran out (so all ranks stop together)."""
-        nonlocal batches
         with registry.guard(run.data.dataset, "records"):
             batch = next(batches, None)
             if batch is None and pretraining:  # pretraining cycles over the corpus until the budget
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                batches = iter(train_batches(run.data, state.epoch))
+                start_next_epoch()
                 batch = next(batches, None)
         if not dist.all_true(batch is not None, run.device):
             return None
@@ -171,8 +174,7 @@ def train(config: TrainConfig, registry: Registry, dist: DistContext | None = No
                     raise ConfigError(
                         f"the training data is too small: one epoch does not fill a step of {grad_accum} "
                         f"batch(es) of {config.batch_size} on each of {dist.world_size} process(es)")
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                batches = iter(train_batches(run.data, state.epoch))
+                start_next_epoch()
                 continue
             if pretraining:
                 # The last step takes only the rows the token budget still needs (±1 block).

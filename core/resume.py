@@ -139,7 +139,5 @@ def resolve(config: TrainConfig, warn) -> Path | None:
         return None
     try:
         return checkpoint.find(config.resume, Path(config.output_dir), warn)
-    except checkpoint.CheckpointError:
-        raise
     except OSError as exc:
         raise ConfigError(f"cannot read checkpoint {config.resume}: {exc}") from None

@@ -1,6 +1,6 @@
 """One measured training run in this process; prints one JSON line. Called by common.run_worker.
 
-kind "lowmem": lowmem's real loop (lowmem.loop.train with a TrainConfig), step throughput read
+kind "lowmem": lowmem's real loop (lowmem.train with a TrainConfig), step throughput read
 from its metrics.jsonl (log_every=1: tokens/s between consecutive steps, so data loading,
 clipping and logging are all inside the measurement).
 kind "trainer": Hugging Face Trainer on the same model, tokenizer and batches (lowmem's packed
@@ -53,33 +53,32 @@ def peak_rss() -> int:
 
 
 def lowmem_run(spec: dict) -> dict:
-    from lowmem.config import TrainConfig
-    from lowmem.loop import train
+    import lowmem
 
     warm, steps = spec["warmup"], spec["steps"]
     with tempfile.TemporaryDirectory(prefix="lowmem-bench-") as out:
-        config = TrainConfig(
+        config = lowmem.TrainConfig(
             mode="pretraining", optimizer=spec["optimizer"], model=spec["model"], dataset="stdlib-docs",
             batch_size=spec["batch_size"], max_length=spec["max_length"], max_steps=warm + steps,
-            num_training_tokens=10**12, dtype=spec.get("dtype", "fp32"), device=spec.get("device", "cpu"), lr=4e-4, warmup_steps=0,
+            num_training_tokens=10**12, dtype=spec.get("dtype", "fp32"), device=spec.get("device", "cpu"),
+            lr=4e-4, warmup_steps=0,
             max_grad_norm=0.0 if spec.get("config", {}).get("per_layer") else 1.0, shuffle=False,
             optimizer_config=spec.get("config", {}), output_dir=out, cache_dir=str(CACHE_DIR),
             log_every=1, eval_batches=1, seed=42,
         )
         started = time.perf_counter()
-        code = train(config, registry())
+        result = lowmem.train(config, registry(), say=lambda message: None)
         total = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        summary = json.loads((Path(out) / "summary.json").read_text())
     steps_rows = [r for r in rows if "tokens_per_second" in r and r["step"] > warm]
     tps = sorted(r["tokens_per_second"] for r in steps_rows)
     tokens_per_step = spec["batch_size"] * spec["max_length"]
     return {
-        "exit_code": code, "tokens_per_second": tps[len(tps) // 2] if tps else float("nan"),
+        "exit_code": 0, "tokens_per_second": tps[len(tps) // 2] if tps else float("nan"),
         "step_seconds": tokens_per_step / tps[len(tps) // 2] if tps else float("nan"),
         "losses": [r["loss"] for r in rows if "loss" in r], "peak_rss_bytes": peak_rss(),
-        "optimizer_state_bytes": summary.get("optimizer_state_bytes"), "wall_seconds": total,
-        "peak_allocated_bytes": summary.get("peak_allocated_bytes"),
+        "optimizer_state_bytes": result.optimizer_state_bytes, "wall_seconds": total,
+        "peak_allocated_bytes": result.peak_allocated_bytes,
     }
 
 
@@ -119,7 +118,7 @@ def trainer_run(spec: dict) -> dict:
     plugins = registry()
     plugin = plugins.model(spec["model"])
     tokenizer = load_tokenizer(tokenizer=None, model_path=None, model_plugin=plugin, cache_dir=CACHE_DIR,
-                               registry=plugins, warn=lambda message: None)
+                               registry=plugins, say=lambda message: None)
     data = DataSpec(dataset=plugins.dataset("stdlib-docs"), source=None, objective="causal_lm",
                     tokenizer=tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"],
                     seed=42, shuffle=False, cache_dir=CACHE_DIR)

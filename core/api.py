@@ -1,7 +1,8 @@
 """The base classes plugins subclass, and the frozen requests lowmem hands them.
 
-Nothing here imports torch: registering a plugin must stay cheap, so heavy
-imports belong inside ``build()`` and friends.
+Nothing here imports torch: registering a plugin must stay cheap, so heavy imports belong
+inside ``build()`` and friends. What lowmem promises a plugin, and expects back, is written on
+each class and method below; README.md ("Writing an optimizer plugin") walks through it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lowmem.errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it on one line and exits 2."""
 
 
 # Objectives a model can be trained for; datasets and the loss follow from them.
@@ -31,6 +30,9 @@ class OptimizerSettings:
 
     lr: float
     weight_decay: float = 0.0
+    # The plugin's complete settings: its ``default_config`` overlaid by the user's config files
+    # and overrides, merged once by lowmem, key names and value types checked against the
+    # defaults, then passed through ``check_config``. Every default key is present.
     config: Mapping[str, Any] = field(default_factory=dict)
     # Names (last path component) of the attention and MLP linear layers of the model:
     # LoRA adapts them, GaLore projects their weights.
@@ -39,17 +41,40 @@ class OptimizerSettings:
     grad_accum: int = 1
     max_grad_norm: float = 0.0
     world_size: int = 1
+    # False (the default, as in Hugging Face Trainer): biases and normalisation weights get no
+    # weight decay. True: every trainable parameter is decayed.
+    decay_norms_and_biases: bool = False
 
 
 class Optimizer:
-    """An optimizer plugin: ``build`` returns a ``torch.optim.Optimizer`` for the model."""
+    """An optimizer plugin: ``build`` returns a ``torch.optim.Optimizer`` for the model.
+
+    Per optimizer step the loop runs forward and backward over ``grad_accum`` micro-batches,
+    unscales (fp16) and clips the gradients, then calls ``step()`` and ``zero_grad()`` on what
+    ``build`` returned, and steps an LR scheduler that sets ``lr`` in its ``param_groups``.
+
+    Updating inside backward: a built optimizer whose attribute ``steps_in_backward`` is true
+    updates each parameter from a gradient hook while backward runs (per-layer GaLore does).
+    The loop then checks each micro-batch's loss for NaN/inf *before* backward, skips its own
+    unscaling and clipping (there is no moment when every gradient exists), refuses fp16, and
+    still calls ``step()`` (which must do nothing) and ``zero_grad()`` once per optimizer step,
+    so such an optimizer must count micro-batches itself and update on every
+    ``settings.grad_accum``-th one.
+
+    Its ``state_dict()`` must hold only tensors and plain values: checkpoints are read back with
+    ``torch.load(weights_only=True)``.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # Every setting the plugin takes, with its default; users can set exactly these keys.
     default_config: ClassVar[dict[str, Any]] = {}
-    # Which of the seed's ``--lora_config`` / ``--galore_config`` files this optimizer reads
-    # ("lora", "galore"); ``--optimizer-config`` always applies.
+    # Which of the seed script's per-family files this optimizer reads: "lora" for
+    # ``--lora_config``, "galore" for ``--galore_config``. A file given for a family the
+    # optimizer does not list is ignored with a note; ``--optimizer-config`` always applies.
     config_files: ClassVar[tuple[str, ...]] = ()
+    # True for the full-rank reference that ``lowmem compare`` gives every ratio against.
+    reference: ClassVar[bool] = False
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Raise ``ConfigError`` naming the key for values that are wrong before any model exists.
@@ -71,7 +96,11 @@ class Optimizer:
         return None
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
-        """Write the trained model in Hugging Face format. LoRA also writes its adapter."""
+        """Write the trained model into ``directory`` in Hugging Face format, loadable by
+        ``AutoModelFor<objective>.from_pretrained(directory)`` with nothing else: a plugin that
+        changed the model in ``prepare_model`` (adapters) writes the merged plain model here,
+        and may add its own files in sub-folders (LoRA writes ``adapter/``). lowmem writes the
+        tokenizer next to it."""
         model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
 
 
@@ -130,6 +159,10 @@ class Dataset:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     kind: ClassVar[str] = "text"  # "text" or CLASSIFICATION
+    # Modes ("pretraining", "finetuning") for which this dataset is used when none is given.
+    default_for: ClassVar[tuple[str, ...]] = ()
+    # True: the offline fallback tokenizer may be trained on this dataset's text.
+    tokenizer_corpus: ClassVar[bool] = False
 
     def kind_of(self, source: str | None) -> str:
         """The kind for a given source; generic datasets decide from the files."""

@@ -1,23 +1,27 @@
-"""Assemble a run from its config: tokenizer, data, model, optimizer, schedule, precision.
-
-Everything here is plugin-driven: lowmem asks the registered model, dataset and optimizer
-for their parts and never branches on their names.
-"""
+"""Assemble a run from its resolved config: tokenizer, data, model, optimizer, schedule and
+precision, asked of the registered plugins. lowmem never branches on their names."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lowmem.api import CLASSIFICATION, ConfigError, DataRequest, ModelRequest, OptimizerSettings
+from lowmem import precision
+from lowmem.api import CLASSIFICATION, DataRequest, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.config import TrainConfig
 from lowmem.distributed import DistContext
+from lowmem.errors import ConfigError
 from lowmem.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from lowmem.data import DataSpec
 
 
 @dataclass
@@ -25,41 +29,28 @@ class Run:
     """The assembled pieces the loop works with."""
 
     config: TrainConfig
-    device: Any
-    tokenizer: Any
-    data: Any  # lowmem.data.DataSpec
+    registry: Registry  # names plugins in errors (Registry.guard)
+    device: torch.device
+    tokenizer: PreTrainedTokenizerBase
+    data: DataSpec
     objective: str
     label_names: list[str]
-    optimizer_plugin: Any
-    model: Any  # the unwrapped model (what is saved)
-    train_model: Any  # the model the loop calls (DDP-wrapped when data-parallel)
-    optimizer: Any
-    scheduler: Any
-    scaler: Any
+    optimizer_plugin: Optimizer
+    model: torch.nn.Module  # the unwrapped model (what is saved)
+    train_model: torch.nn.Module  # the model the loop calls (DDP-wrapped when data-parallel)
+    trainable_parameters: list[torch.nn.Parameter]  # what the gradient norm is taken over
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
     total_steps: int
     warmup_steps: int
-    # Some optimizers (per-layer GaLore) update inside backward: nothing to unscale or clip.
+    # The optimizer updates inside backward (see lowmem.Optimizer): nothing to unscale or clip.
     steps_in_backward: bool
-    dtype: str  # the resolved --dtype: bf16, fp16 or fp32
+    dtype: str  # the resolved --dtype: bf16, fp16, fp32 or bf16-pure
+    grad_bytes: int = 0  # gradient memory, measured at the first step
 
-    def autocast(self):
-        import torch
-
-        if self.dtype in ("fp32", PURE_BF16):  # nothing to cast: the weights are in the compute dtype
-            return nullcontext()
-        dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-
-PURE_BF16 = "bf16-pure"
-
-
-def cast_weights(model, dtype: str):
-    """``bf16-pure`` keeps the weights themselves in bf16 (no fp32 master copy); the other
-    choices train fp32 weights, under autocast for bf16/fp16."""
-    import torch
-
-    return model.to(torch.bfloat16) if dtype == PURE_BF16 else model
+    def autocast(self) -> Any:
+        return precision.autocast(self.dtype, self.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -71,7 +62,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str, dist: DistContext):
+def choose_device(name: str, dist: DistContext) -> torch.device:
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
@@ -79,31 +70,6 @@ def resolve_device(name: str, dist: DistContext):
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX; elsewhere (AVX2 only) autocast to
-    bf16 runs several times slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device) -> str:
-    """``auto`` picks what runs well on the device; an explicit choice the device cannot do is an error."""
-    import torch
-
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if dtype == "auto":
-        if device.type == "cuda":
-            return "bf16" if cuda_bf16 else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if dtype in ("bf16", PURE_BF16) and device.type == "cuda" and not cuda_bf16:
-        raise ConfigError("--dtype bf16 is not supported by this GPU; use --dtype fp16 or fp32")
-    return dtype
 
 
 def warmup_cosine(total: int, warmup: int, period: int | None, min_ratio: float):
@@ -120,41 +86,48 @@ def warmup_cosine(total: int, warmup: int, period: int | None, min_ratio: float)
     return factor
 
 
-def count_train_records(data) -> int:
-    request = DataRequest("train", source=data.source, cache_dir=data.cache_dir)
-    return sum(1 for _ in data.dataset.records(request))
-
-
-def plan_steps(config: TrainConfig, data, world_size: int) -> int:
+def plan_steps(config: TrainConfig, data: DataSpec, world_size: int) -> int:
     """Optimizer steps the run will take: from the token budget (pretraining) or the epochs
     (finetuning), capped by --max-steps."""
     per_step = config.batch_size * config.grad_accum * world_size
     if config.mode == "pretraining":
         steps = math.ceil(config.num_training_tokens / (per_step * config.max_length))
     else:
-        batches = math.ceil(count_train_records(data) / config.batch_size)
+        request = DataRequest("train", source=data.source, cache_dir=data.cache_dir)
+        records = sum(1 for _ in data.dataset.records(request))
+        batches = math.ceil(records / config.batch_size)
         steps = config.num_epochs * max(1, batches // (config.grad_accum * world_size))
     return max(1, min(steps, config.max_steps or steps))
 
 
-def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -> Run:
+def optimizer_settings(config: TrainConfig, objective: str, targets: tuple[str, ...],
+                       world_size: int) -> OptimizerSettings:
+    return OptimizerSettings(
+        lr=config.lr, weight_decay=config.weight_decay, config=dict(config.optimizer_config),
+        target_modules=targets, objective=objective, grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm, world_size=world_size,
+        decay_norms_and_biases=config.decay_norms_and_biases,
+    )
+
+
+def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) -> Run:
     import torch
     from transformers.utils import logging as hf_logging
 
     from lowmem.data import DataSpec, dataset_kind, label_names
-    from lowmem.modeling import resolve_weights
+    from lowmem.modeling import find_weights
     from lowmem.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()  # lowmem shows its own progress; HF's bars would interleave
-    device = resolve_device(config.device, dist)
-    dtype = resolve_dtype(config.dtype, device)
+    device = choose_device(config.device, dist)
+    dtype = precision.choose_dtype(config.dtype, device)
     optimizer_plugin = registry.optimizer(config.optimizer)
     model_plugin = registry.model(config.model)
     cache_dir = Path(config.cache_dir)
 
     tokenizer = load_tokenizer(
         tokenizer=config.tokenizer, model_path=config.model_path, model_plugin=model_plugin,
-        cache_dir=cache_dir, registry=registry, warn=warn,
+        cache_dir=cache_dir, registry=registry, say=say,
     )
     data = DataSpec(
         dataset=registry.dataset(config.dataset), source=config.dataset_source, objective="",
@@ -168,18 +141,14 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
 
     # The same seed before the model exists gives the same initial weights on every run and rank.
     seed_everything(config.seed)
-    weights = resolve_weights(model_plugin, config.mode, config.model_path, config.test, warn)
+    weights = find_weights(model_plugin, config.mode, config.model_path, config.test, say)
     with registry.guard(model_plugin, "build"):
         model = model_plugin.build(ModelRequest(
             objective=objective, vocab_size=len(tokenizer), num_labels=len(labels), weights=weights,
             pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
         ))
-    settings = OptimizerSettings(
-        lr=config.lr, weight_decay=config.weight_decay, config=dict(config.optimizer_config),
-        target_modules=tuple(model_plugin.target_modules), objective=objective,
-        grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm, world_size=dist.world_size,
-    )
-    model = cast_weights(model, dtype)
+    settings = optimizer_settings(config, objective, tuple(model_plugin.target_modules), dist.world_size)
+    model = precision.cast_weights(model, dtype)
     with registry.guard(optimizer_plugin, "prepare_model"):
         model = optimizer_plugin.prepare_model(model, settings).to(device)
     with registry.guard(optimizer_plugin, "build"):
@@ -196,10 +165,29 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, warn) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, warmup, config.tmax, config.min_lr_ratio)
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     return Run(
-        config=config, device=device, tokenizer=tokenizer, data=data, objective=objective,
+        config=config, registry=registry, device=device, tokenizer=tokenizer, data=data, objective=objective,
         label_names=labels, optimizer_plugin=optimizer_plugin, model=model,
-        train_model=dist.wrap(model), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        total_steps=total, warmup_steps=warmup, steps_in_backward=steps_in_backward, dtype=dtype,
+        train_model=dist.wrap(model), trainable_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer, scheduler=scheduler,
+        scaler=precision.loss_scaler(dtype, device), total_steps=total, warmup_steps=warmup,
+        steps_in_backward=steps_in_backward, dtype=dtype,
     )
+
+
+def parameter_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """What the optimizer really holds, for config.json: per distinct group setting, the number
+    of tensors and elements (per-layer optimizers have one group per parameter; they are summed)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    summary: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for group in optimizer.param_groups:
+        settings = {k: v for k, v in group.items() if k != "params" and isinstance(v, int | float | str | bool)}
+        key = tuple(sorted((k, v) for k, v in settings.items() if k not in ("lr", "initial_lr")))
+        row = summary.setdefault(key, {**{k: v for k, v in settings.items() if k not in ("lr", "initial_lr")},
+                                       "tensors": 0, "elements": 0, "examples": []})
+        for p in group["params"]:
+            row["tensors"] += 1
+            row["elements"] += p.numel()
+            if len(row["examples"]) < 3:
+                row["examples"].append(names.get(id(p), "?"))
+    return list(summary.values())

@@ -1,231 +1,168 @@
-"""Atomic, verifiable checkpoints that never need unpickling.
+"""Checkpoints of a run: what one holds, saving it, finding the one to resume, and continuing
+from it bit for bit. The training loop talks to this module alone; the folder mechanics
+(atomic writes, checksums, rotation) are in ``lowmem.checkpoint_files``.
 
-A checkpoint is written into ``checkpoints/.tmp-step-N``, every file fsynced, a manifest with
-a SHA-256 per file written last, then the folder renamed to ``step-N``: a folder counts only
-once its manifest exists, so a kill at any moment leaves the previous checkpoint usable.
-Tensors go to safetensors or to ``torch.save`` files of plain tensors that are read back with
-``weights_only=True``; everything else is JSON.
+Model weights go to safetensors; optimizer state to a ``torch.save`` of tensors and plain values
+(read back with ``weights_only=True``); counters, schedule, loss scaler and config to JSON;
+RNG states of every rank to tensors. Together they let a resumed run repeat exactly what the
+uninterrupted run would have done.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
-import re
-import shutil
+import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lowmem.api import ConfigError
-from lowmem.text import first_line
+from lowmem import checkpoint_files as files
+from lowmem.config import TrainConfig
+from lowmem.errors import CheckpointError, ConfigError
 
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is missing, incomplete or corrupt; names the file."""
-
-
-def _fault_point(stage: str, step: int) -> None:
-    """Test hooks for fault injection in real processes. LOWMEM_FAULT_KILL_AT=<stage>[@<step>]
-    sends SIGKILL to this process at that stage of a save; LOWMEM_FAULT_DISK_FULL_AT likewise
-    fails the write as a full disk would (ENOSPC)."""
-    for variable in ("LOWMEM_FAULT_KILL_AT", "LOWMEM_FAULT_DISK_FULL_AT"):
-        wanted = os.environ.get(variable, "")
-        if not wanted:
-            continue
-        at_stage, _, at_step = wanted.partition("@")
-        if at_stage == stage and (not at_step or int(at_step) == step):
-            if variable == "LOWMEM_FAULT_KILL_AT":
-                os.kill(os.getpid(), 9)
-            raise OSError(errno.ENOSPC, "No space left on device")
+# Changing these would make the saved state meaningless for the new run.
+# lr and weight_decay live in the saved optimizer and schedule, so a new value would be ignored.
+MUST_MATCH = ("mode", "optimizer", "model", "dataset", "dataset_source", "batch_size", "max_length",
+              "grad_accum", "optimizer_config", "dtype", "seed", "shuffle", "tokenizer", "model_path",
+              "lr", "weight_decay", "min_lr_ratio", "decay_norms_and_biases")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+@dataclass
+class TrainState:
+    """Counters that say where the run is. ``batch_in_epoch`` counts global batches."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_skips: int = 0
+    wall_seconds: float = 0.0  # the whole run so far
+    train_seconds: float = 0.0  # training steps only: no model build, evaluation or saving
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    version, keys, gauss = random.getstate()
+    np_state: Any = np.random.get_state()
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def save(run, state: TrainState, dist) -> Path | None:
+    """Every rank calls this; rank 0 writes the folder. Returns its path on rank 0."""
+    import safetensors.torch
 
+    run_dir = Path(run.config.output_dir)
+    rng_per_rank = dist.gather(_rng_state())
 
-def clean_stale(run_dir: Path) -> list[Path]:
-    """Remove temporary folders a killed save left behind. A copy moved aside while its step was
-    being saved again goes back if the new copy never arrived."""
-    removed = []
-    folder = checkpoints_dir(run_dir)
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if not child.name.startswith(TMP_PREFIX):
-                continue
-            original = folder / child.name.removeprefix(f"{TMP_PREFIX}replaced-")
-            if child.name.startswith(f"{TMP_PREFIX}replaced-") and not original.exists():
-                os.replace(child, original)
-                continue
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-    return removed
+    def write(folder: Path) -> None:
+        safetensors.torch.save_model(run.model, str(folder / "model.safetensors"))
+        files.save_tensors(folder / "optimizer.pt", run.optimizer.state_dict())
+        files.save_tensors(folder / "rng.pt", rng_per_rank)
+        (folder / "trainer_state.json").write_text(json.dumps({
+            "state": asdict(state),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "world_size": dist.world_size,
+            "resolved_dtype": run.dtype,
+            "config": run.config.to_json(),
+        }, indent=1))
+        run.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders (manifest present), oldest first."""
-    folder = checkpoints_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for child in folder.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / MANIFEST).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def save(run_dir: Path, step: int, writer, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically. ``writer(folder)`` writes the files into the
-    temporary folder; lowmem then fsyncs, checksums, renames and rotates."""
-    folder = checkpoints_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step}"
-    tmp = folder / f"{TMP_PREFIX}step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        writer(tmp)
-        _fault_point("files", step)
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_file(path)
-            files[str(path.relative_to(tmp))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-            _fsync_dir(sub)
-        _fault_point("manifest", step)
-        manifest = tmp / MANIFEST
-        manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
-        _fsync_file(manifest)
-        _fsync_dir(tmp)
-        _fault_point("rename", step)
-        # The same step saved again (a resumed run stopped at once): move the old copy aside
-        # first, so some complete copy exists at every moment.
-        replaced = folder / f"{TMP_PREFIX}replaced-step-{step}"
-        if final.exists():
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        shutil.rmtree(replaced, ignore_errors=True)
-    except Exception as exc:  # noqa: BLE001 - OSError, safetensors' and torch's own errors alike
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        where = getattr(exc, "filename", None) or str(tmp)
-        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({where})") from None
-    rotate(run_dir, keep, protect=final)
-    return final
-
-
-def rotate(run_dir: Path, keep: int, protect: Path | None = None) -> None:
-    """Keep the newest ``keep`` complete checkpoints; the newest, and ``protect`` (the one just
-    written), are never deleted."""
-    complete = complete_checkpoints(run_dir)
-    for old in complete[: max(0, len(complete) - max(1, keep))]:
-        if old != protect:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def set_aside_newer(run_dir: Path, resumed_from: Path) -> list[Path]:
-    """Resuming from an older checkpoint abandons the newer ones (another future of this run):
-    rename them out of the way, so rotation and ``latest`` only see this run's, and nothing is deleted."""
-    moved: list[Path] = []
-    match = _STEP_DIR.match(resumed_from.name)
-    if match is None or resumed_from.parent != checkpoints_dir(run_dir):
-        return moved
-    step = int(match.group(1))
-    for checkpoint in complete_checkpoints(run_dir):
-        newer = int(checkpoint.name.split("-")[1])
-        if newer > step:
-            target = checkpoint.with_name(f"abandoned-{checkpoint.name}")
-            n = 1
-            while target.exists():
-                n += 1
-                target = checkpoint.with_name(f"abandoned-{n}-{checkpoint.name}")
-            os.replace(checkpoint, target)
-            moved.append(target)
-    return moved
-
-
-def verify(checkpoint: Path) -> dict[str, Any]:
-    """The manifest, after checking every file's size and checksum; raises naming the bad file."""
-    manifest_path = checkpoint / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from None
-    for name, meta in manifest["files"].items():
-        path = checkpoint / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (checksum mismatch)")
-    return manifest
-
-
-def find(resume: str, run_dir: Path, warn) -> Path:
-    """The checkpoint to resume from.
-
-    ``latest``: the newest complete checkpoint of ``run_dir`` that verifies; a corrupt one is
-    named and the previous one used. A folder: that checkpoint (or, for a run folder, its
-    newest), which must verify.
-    """
-    if resume == "latest":
-        candidates = complete_checkpoints(run_dir)
-        if not candidates:
-            raise CheckpointError(f"no complete checkpoint under {checkpoints_dir(run_dir)} to resume from")
-        for checkpoint in reversed(candidates):
-            try:
-                verify(checkpoint)
-                return checkpoint
-            except CheckpointError as exc:
-                warn(f"warning: {exc}; trying the previous checkpoint")
-        raise CheckpointError(f"every checkpoint under {checkpoints_dir(run_dir)} is corrupt")
-    path = Path(resume)
-    if not (path / MANIFEST).is_file() and complete_checkpoints(path):
-        path = complete_checkpoints(path)[-1]
-    verify(path)
+    path, error = None, None
+    if dist.is_main:
+        try:
+            path = files.save(run_dir, state.step, write, run.config.keep_checkpoints)
+        except CheckpointError as exc:
+            error = str(exc)
+    # Every rank learns whether rank 0's save worked, so all stop together instead of hanging.
+    error = dist.broadcast(error)
+    if error:
+        raise CheckpointError(error)
     return path
 
 
-def save_tensors(path: Path, tensors: Any) -> None:
-    """``torch.save`` of plain tensors/containers only: read back with ``weights_only=True``."""
-    import torch
+def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int, say) -> None:
+    current = config.to_json()
+    changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
+    if saved_world != world_size:
+        changed.append("world_size")
+    if changed:
+        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+                            for key in changed if key != "world_size")
+        if "world_size" in changed:
+            details += f"{'; ' if details else ''}world_size: {saved_world} -> {world_size}"
+        raise ConfigError(f"cannot resume: the checkpoint was made with other settings ({details})")
+    harmless = [key for key in current if key not in MUST_MATCH and key not in ("resume", "output_dir")
+                and saved.get(key) != current.get(key)]
+    if harmless:
+        say(f"note: resuming with changed settings: {', '.join(harmless)}")
 
-    torch.save(tensors, path)
+
+def load(run, path: Path, dist, say) -> TrainState:
+    """Restore everything ``save`` wrote into the assembled run; returns the counters."""
+    import safetensors.torch
+
+    meta = json.loads((path / "trainer_state.json").read_text())
+    check_compatible(meta["config"], run.config, dist.world_size, meta["world_size"], say)
+    if meta.get("resolved_dtype", run.dtype) != run.dtype:  # --dtype auto can resolve differently elsewhere
+        raise ConfigError(f"cannot resume: the checkpoint trained in {meta['resolved_dtype']}, this run "
+                          f"would use {run.dtype}; pass --dtype {meta['resolved_dtype']}")
+    missing, unexpected = safetensors.torch.load_model(
+        run.model, str(path / "model.safetensors"), strict=False, device=str(run.device))
+    if missing or unexpected:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not match the model "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    run.optimizer.load_state_dict(files.load_tensors(path / "optimizer.pt"))
+    run.scheduler.load_state_dict(meta["scheduler"])
+    run.scaler.load_state_dict(meta["scaler"])
+    rng = files.load_tensors(path / "rng.pt")
+    _set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0])
+    if dist.is_main:
+        # Resuming from an older checkpoint abandons the newer ones: set them aside, never delete.
+        for moved in files.set_aside_newer(Path(run.config.output_dir), path):
+            say(f"note: a newer checkpoint of an abandoned continuation was kept as {moved}")
+    return TrainState(**meta["state"])
 
 
-def load_tensors(path: Path) -> Any:
-    import torch
-
+def find(config: TrainConfig, say) -> Path | None:
+    """The checkpoint ``config.resume`` names, verified; None when not resuming. A missing or
+    corrupt checkpoint is bad input, found before any model is built."""
+    if not config.resume:
+        return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any refusal is reported the same way
-        raise CheckpointError(f"refusing {path}: it is not plain tensors ({type(exc).__name__})") from None
+        return files.find(config.resume, Path(config.output_dir), say)
+    except OSError as exc:
+        raise ConfigError(f"cannot read checkpoint {config.resume}: {exc}") from None
+
+
+def clean_folder(run_dir: Path) -> None:
+    """Before training (rank 0): remove the temporary folders killed saves left behind."""
+    files.clean_stale(run_dir)
+
+
+def export_model(run, directory: Path) -> None:
+    """The trained model in Hugging Face format, written by the optimizer plugin (LoRA merges
+    its adapters), with the tokenizer beside it."""
+    with run.registry.guard(run.optimizer_plugin, "save_model"):
+        run.optimizer_plugin.save_model(run.model, directory)
+    run.tokenizer.save_pretrained(str(directory))

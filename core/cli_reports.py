@@ -1,17 +1,30 @@
 """``lowmem estimate``, ``lowmem compare`` and ``lowmem plot``: the commands that answer "will it
-fit, and what does it cost?". Registered on the main app by ``lowmem.cli``."""
+fit, and what does it cost?", and the end-of-run table. Registered on the main app by
+``lowmem.cli``."""
 
 from __future__ import annotations
 
-import os
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from lowmem.api import ConfigError
-from lowmem.cli_options import Opt, choice, clean_errors, existing_file, positive_int, size
+from lowmem.cli_options import (
+    Opt,
+    choice,
+    config_from_options,
+    exit_on_error,
+    existing_file,
+    positive_int,
+    size,
+    with_parameters,
+)
 from lowmem.config import DTYPES, MODES
+from lowmem.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from lowmem.result import RunResult
 
 reports_app = typer.Typer()
 
@@ -25,74 +38,70 @@ def estimate(
     batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=positive_int)] = 1,
     max_length: Annotated[int, Opt("--max_length", "--max-length", callback=positive_int)] = 256,
     dtype: Annotated[str, Opt("--dtype", callback=choice(DTYPES))] = "bf16",
-    per_layer: Annotated[bool, Opt("--per-layer", "--per_layer", help="Per-layer mode (optimizers with a 'per_layer' setting)")] = False,
+    per_layer: Annotated[bool, Opt("--per-layer", "--per_layer",
+                                   help="Per-layer mode (optimizers with a 'per_layer' setting)")] = False,
     grad_accum: Annotated[int, Opt("--grad-accum", "--grad_accum", callback=positive_int)] = 1,
-    device_memory: Annotated[str | None, Opt("--device-memory", "--device_memory", callback=size, help="Say whether it fits: 24GB, 80GiB")] = None,
-    optimizer_config: Annotated[Path | None, Opt("--optimizer-config", "--optimizer_config", callback=existing_file, help="JSON settings overriding the optimizer's defaults")] = None,
+    device_memory: Annotated[str | None, Opt("--device-memory", "--device_memory", callback=size,
+                                             help="Say whether it fits: 24GB, 80GiB")] = None,
+    optimizer_config: Annotated[Path | None, Opt("--optimizer-config", "--optimizer_config", callback=existing_file,
+                                                 help="JSON settings overriding the optimizer's defaults")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table")] = False,
 ) -> None:
     """Estimate the memory training MODEL takes with each optimizer, without training (meta device)."""
-    with clean_errors():
-        from lowmem.cli import registry
-        from lowmem.estimate import estimate_many, print_estimates
+    with exit_on_error():
+        from lowmem.estimate import estimate_many
+        from lowmem.estimate_report import print_estimates
+        from lowmem.registry import get_registry
 
         if optimizer is not None and all_optimizers:
             raise ConfigError("give --optimizer or --all, not both")
         results = estimate_many(
-            registry(), model, optimizer, mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
-            per_layer=per_layer, grad_accum=grad_accum, optimizer_config_file=optimizer_config,
+            get_registry(), model, optimizer, mode=mode, batch_size=batch_size, max_length=max_length,
+            dtype=dtype, per_layer=per_layer, grad_accum=grad_accum, optimizer_config_file=optimizer_config,
         )
-        print_estimates(results, device_memory, as_json=as_json)  # type: ignore[arg-type]  # the size callback made it int
+        # The size callback turned the text into bytes.
+        print_estimates(results, cast("int | None", device_memory), as_json=as_json)
 
 
-@reports_app.command(context_settings={
-    "allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"],
-})
-def compare(
-    ctx: typer.Context,
-    optimizers: Annotated[str, Opt("--optimizers", help="Comma-separated optimizers, e.g. baseline,lora,galore")],
-    output_dir: Annotated[Path, Opt("--output-dir", "--output_dir", help="Parent folder: one run folder per optimizer, plus compare.json/.md/.png")],
-) -> None:
+COMPARE_OPTIONS = (
+    inspect.Parameter("optimizers", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+        str, Opt("--optimizers", help="Comma-separated optimizers, e.g. baseline,lora,galore")]),
+    inspect.Parameter("output_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+        Path, Opt("--output-dir", "--output_dir",
+                  help="Parent folder: one run folder per optimizer, plus compare.json/.md/.png")]),
+)
+
+
+@reports_app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@with_parameters(*COMPARE_OPTIONS, leave_out=("optimizer", "output_dir", "resume"))
+def compare(**options: Any) -> None:
     """Train with several optimizers under the same settings and compare them.
 
     Takes every `lowmem train` option (--mode, --model, budgets, config files, ...)."""
-    with clean_errors():
-        from lowmem.compare import parse_optimizer_list
+    from lowmem.compare import parse_optimizer_list
 
-        try:
-            names = parse_optimizer_list(optimizers)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--optimizers") from None
-        # Let `train` itself parse and check the remaining options: one definition of each.
-        train_command = ctx.find_root().command.commands["train"]  # type: ignore[attr-defined]
-        train_args = [*ctx.args, "--optimizer", names[0]]
-        train_context = train_command.make_context("lowmem compare", train_args, parent=ctx)
-        params = dict(train_context.params)
-        if params.pop("nproc", 1) != 1:
-            raise ConfigError("compare runs on one process; --nproc is not supported here")
-        if params.get("output_dir") is not None or params.get("resume"):
-            raise ConfigError("compare chooses each run's folder under --output-dir; --resume is not supported")
-        from lowmem.cli import registry
-
-        for name in names:
-            registry().optimizer(name)  # unknown names fail before anything trains
+    try:
+        names = parse_optimizer_list(options.pop("optimizers"))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--optimizers") from None
+    parent: Path = options.pop("output_dir")
+    with exit_on_error():
         from lowmem.compare import print_table, run_all, write_reports
+        from lowmem.plots import write_compare_plot
+        from lowmem.registry import get_registry
 
-        output_dir.mkdir(parents=True, exist_ok=True)
-        results = run_all(params, names, output_dir, registry(), environ=dict(os.environ))
-        settings = {**params, "optimizers": names, "output_dir": str(output_dir)}
-        write_reports(output_dir, results, settings)
-        print_table(results, f"lowmem compare: {params['model']} ({params['mode']})")
-        from lowmem.plots import PlotUnavailable, write_compare_plot
-
-        try:
-            write_compare_plot(results, output_dir / "compare.png")
-            written = "compare.json, compare.md, compare.png"
-        except PlotUnavailable as exc:
-            typer.echo(f"note: {exc}; compare.png not written", err=True)
-            written = "compare.json, compare.md"
-        typer.echo(f"wrote {written} in {output_dir}")
-        if all(r.status != "ok" for r in results):
+        registry = get_registry()
+        for name in names:
+            registry.optimizer(name)  # unknown names fail before anything trains
+        base = config_from_options(options, optimizer=names[0])
+        parent.mkdir(parents=True, exist_ok=True)
+        reference = registry.reference_optimizer()
+        runs = run_all(base, names, parent, registry)
+        write_reports(parent, runs, base, reference)
+        print_table(runs, f"lowmem compare: {base.model} ({base.mode})", reference)
+        write_compare_plot(runs, parent / "compare.png")
+        typer.echo(f"wrote compare.json, compare.md, compare.png in {parent}")
+        if all(r.result is None for r in runs):
             raise typer.Exit(1)
 
 
@@ -102,14 +111,34 @@ def plot(
     output: Annotated[Path, Opt("--output", "-o", help="PNG file to write")] = Path("loss.png"),
 ) -> None:
     """Plot the training-loss curves of existing runs on one chart."""
-    with clean_errors():
+    with exit_on_error():
         for run_dir in run_dirs:
             if not (run_dir / "metrics.jsonl").is_file():
                 raise ConfigError(f"{run_dir} has no metrics.jsonl: not a lowmem run folder")
-        from lowmem.plots import PlotUnavailable, write_loss_plot
+        from lowmem.plots import write_loss_plot
 
-        try:
-            drawn = write_loss_plot(run_dirs, output)
-        except PlotUnavailable as exc:
-            raise ConfigError(str(exc)) from None
+        drawn = write_loss_plot(run_dirs, output)
         typer.echo(f"wrote {output} ({drawn} curve{'s' if drawn != 1 else ''})")
+
+
+def print_result(result: RunResult) -> None:
+    """The end-of-run table, on stdout: results are output, progress is not."""
+    from rich.table import Table
+
+    from lowmem.progress import results_console
+    from lowmem.text import format_bytes
+
+    table = Table(title=f"lowmem run: {result.model} / {result.optimizer}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.to_json().items():
+        if key in ("model", "optimizer", "output_dir") or value is None:
+            continue
+        if key.endswith("_bytes") and isinstance(value, int):
+            shown = format_bytes(value)
+        elif isinstance(value, float):
+            shown = f"{value:.4g}"
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else str(value)
+        table.add_row(key, shown)
+    results_console().print(table)

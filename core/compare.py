@@ -1,28 +1,28 @@
 """``lowmem compare``: train one model with several optimizers under the same settings, one run
 after another, and put their results side by side (compare.json, compare.md, compare.png).
 
-A run that fails (bad settings for that optimizer, a non-zero exit, an exception such as an
-out-of-memory error) is reported with its reason; the other runs still happen.
+Each run is a ``lowmem.train`` call: its ``RunResult`` gives the figures, and a run that fails
+(bad settings for that optimizer, a non-finite loss, an exception such as an out-of-memory
+error) is reported with its reason while the other runs still happen.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import math
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowmem.api import ConfigError
+from lowmem.config import TrainConfig
+from lowmem.errors import ConfigError, Interrupted, LowmemError
 from lowmem.registry import Registry
+from lowmem.result import RunResult
 from lowmem.text import first_line, format_bytes
 
-EXIT_REASONS = {2: "bad input", 3: "non-finite loss or gradient", 130: "interrupted", 143: "terminated"}
-
-# (summary key, column title, how to show it); the ratio to baseline follows each figure.
+# (RunResult field, column title, how to show it); the ratio to the reference follows each figure.
 COLUMNS: list[tuple[str, str, str]] = [
     ("final_loss", "final loss", "float"),
     ("eval_loss", "eval loss", "float"),
@@ -36,20 +36,21 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("peak_memory_bytes", "peak memory", "bytes"),
     ("trainable_params", "trainable params", "count"),
 ]
-BASELINE = "baseline"
 
 
 @dataclass
-class RunResult:
+class CompareRun:
     optimizer: str
     output_dir: str
-    status: str = "ok"  # "ok" or "failed"
+    result: RunResult | None = None  # None: the run failed, ``reason`` says why
     reason: str = ""
-    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.result is not None else "failed"
 
     def figure(self, key: str) -> float | None:
-        value = self.summary.get(key)
-        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        return None if self.result is None else self.result.figure(key)
 
 
 def parse_optimizer_list(text: str) -> list[str]:
@@ -62,13 +63,9 @@ def parse_optimizer_list(text: str) -> list[str]:
     return names
 
 
-def run_dir_name(optimizer: str) -> str:
-    return optimizer.replace("+", "-")
-
-
 def reset_peak_memory() -> None:
-    """Restart the process's peak-RSS counter (Linux clear_refs '5'), so each run's
-    summary reports its own peak, not the largest of all runs so far."""
+    """Restart the process's peak-RSS counter (Linux clear_refs '5'), so each run's result
+    reports its own peak, not the largest of all runs so far."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -83,100 +80,48 @@ def reset_peak_memory() -> None:
         pass
 
 
-def run_all(
-    base_params: Mapping[str, Any],
-    optimizers: list[str],
-    parent: Path,
-    registry: Registry,
-    environ: Mapping[str, str],
-    say: Callable[[str], None] | None = None,
-) -> list[RunResult]:
+def run_all(base: TrainConfig, optimizers: list[str], parent: Path, registry: Registry,
+            say: Callable[[str], None] | None = None) -> list[CompareRun]:
     """Train with each optimizer in turn (output in ``parent/<optimizer>``), same seed and budget."""
-    from lowmem.loop import run_training
-    from lowmem.resolve import build_train_config
+    from lowmem.training import train
 
     say = say or (lambda message: print(message, file=sys.stderr, flush=True))
-    results = []
+    runs = []
     for name in optimizers:
-        output_dir = parent / run_dir_name(name)
-        result = RunResult(optimizer=name, output_dir=str(output_dir))
-        results.append(result)
+        output_dir = parent / name.replace("+", "-")
+        run = CompareRun(optimizer=name, output_dir=str(output_dir))
+        runs.append(run)
         say(f"compare: {name} -> {output_dir}")
+        config = dataclasses.replace(base, optimizer=name, output_dir=str(output_dir), optimizer_config={})
         try:
-            config = build_train_config({**base_params, "optimizer": name, "output_dir": output_dir},
-                                        registry, environ=environ, note=say)
             reset_peak_memory()
-            errors = ErrorLines(sys.stderr)
-            with contextlib.redirect_stderr(errors):
-                code = run_training(config, registry, environ=dict(environ))
-        except ConfigError as exc:
-            result.status, result.reason = "failed", str(exc)
+            run.result = train(config, registry, say=say)
+        except Interrupted:  # the user stopped it: stop the whole comparison too
+            run.reason = "stopped by signal"
+            say("compare: stopped by signal; the remaining optimizers were not run")
+            break
+        except LowmemError as exc:
+            kind = "bad input" if isinstance(exc, ConfigError) else type(exc).__name__
+            run.reason = str(exc) if isinstance(exc, ConfigError) else f"{kind}: {exc}"
         except (Exception, MemoryError) as exc:  # noqa: BLE001 - one failed run must not stop the rest
-            result.status, result.reason = "failed", f"{type(exc).__name__}: {first_line(exc)}"
-        else:
-            if code in (130, 143):  # the user stopped it: stop the whole comparison too
-                result.status, result.reason = "failed", "stopped by signal"
-                say("compare: stopped by signal; the remaining optimizers were not run")
-                break
-            if code != 0:
-                result.status = "failed"
-                result.reason = f"exit code {code} ({EXIT_REASONS.get(code, 'error')})"
-                if errors.last:
-                    result.reason += f": {errors.last}"
-        if result.status == "ok":
-            result.summary = read_summary(output_dir)
-        else:
-            say(f"compare: {name} failed: {result.reason}")
-    return results
+            run.reason = f"{type(exc).__name__}: {first_line(exc)}"
+        if run.result is None:
+            say(f"compare: {name} failed: {run.reason}")
+    return runs
 
 
-class ErrorLines:
-    """A stderr that passes everything through and remembers the last ``error:`` line, which
-    the training loop prints before it returns a non-zero exit code."""
-
-    def __init__(self, stream: Any):
-        self.stream = stream
-        self.last = ""
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if line.startswith("error: "):
-                self.last = line.removeprefix("error: ").strip()
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno: the real stream's
-        return getattr(self.stream, name)
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """A run's summary.json, with the figures compare adds: step time and one peak-memory figure
-    (CUDA peak allocation when there is one, else the process's peak RSS)."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return {}
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    steps = summary.get("steps") or 0
-    if steps and summary.get("wall_seconds") is not None:
-        summary["step_seconds"] = summary["wall_seconds"] / steps
-    summary["peak_memory_bytes"] = summary.get("peak_allocated_bytes", summary.get("peak_rss_bytes"))
-    return summary
-
-
-def ratio(result: RunResult, key: str, baseline: RunResult | None) -> float | None:
-    if baseline is None or baseline.status != "ok":
+def ratio(run: CompareRun, key: str, reference: CompareRun | None) -> float | None:
+    if reference is None or reference.result is None:
         return None
-    mine, theirs = result.figure(key), baseline.figure(key)
+    mine, theirs = run.figure(key), reference.figure(key)
     if mine is None or not theirs:
         return None
     return mine / theirs
 
 
-def shown_columns(results: list[RunResult]) -> list[tuple[str, str, str]]:
+def shown_columns(runs: list[CompareRun]) -> list[tuple[str, str, str]]:
     """The columns some run has a figure for (perplexity for LMs, accuracy for classifiers)."""
-    return [c for c in COLUMNS if any(r.figure(c[0]) is not None for r in results)]
+    return [c for c in COLUMNS if any(r.figure(c[0]) is not None for r in runs)]
 
 
 def format_value(value: float | None, kind: str) -> str:
@@ -189,71 +134,67 @@ def format_value(value: float | None, kind: str) -> str:
     return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
-def table_rows(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per optimizer): each figure, then ×ratio to baseline if it ran."""
-    baseline = next((r for r in results if r.optimizer == BASELINE), None)
-    columns = shown_columns(results)
+def table_rows(runs: list[CompareRun], reference_name: str | None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per optimizer): each figure, then ×ratio to the reference if it ran."""
+    reference = next((r for r in runs if r.optimizer == reference_name), None)
+    columns = shown_columns(runs)
     header = ["optimizer", "status"] + [title for _, title, _ in columns]
     rows = []
-    for result in results:
-        status = "ok" if result.status == "ok" else f"failed: {result.reason}"
-        cells = [result.optimizer, status]
+    for run in runs:
+        cells = [run.optimizer, "ok" if run.result is not None else f"failed: {run.reason}"]
         for key, _, kind in columns:
-            text = format_value(result.figure(key), kind)
-            factor = ratio(result, key, baseline)
-            if factor is not None and result is not baseline:
+            text = format_value(run.figure(key), kind)
+            factor = ratio(run, key, reference)
+            if factor is not None and run is not reference:
                 text += f" (×{factor:.2f})"
             cells.append(text)
         rows.append(cells)
     return header, rows
 
 
-FOOTNOTE = (
-    "Ratios (×) are to baseline. Peak memory: CUDA peak allocation on a GPU, else the process's peak "
-    "resident set (including Python and torch themselves), reset before each run where Linux allows."
-)
+def footnote(reference_name: str | None) -> str:
+    return (f"Ratios (×) are to {reference_name or 'the reference optimizer (none ran)'}. Peak memory: "
+            "CUDA peak allocation on a GPU, else the process's peak resident set (including Python and torch "
+            "themselves), reset before each run where Linux allows.")
 
 
-def write_reports(parent: Path, results: list[RunResult], settings: Mapping[str, Any]) -> None:
+def write_reports(parent: Path, runs: list[CompareRun], base: TrainConfig, reference_name: str | None) -> None:
     """compare.json (everything, machine-readable) and compare.md (the table)."""
     parent.mkdir(parents=True, exist_ok=True)
-    baseline = next((r for r in results if r.optimizer == BASELINE), None)
+    reference = next((r for r in runs if r.optimizer == reference_name), None)
+    settings: dict[str, Any] = {**base.to_json(), "optimizers": [r.optimizer for r in runs],
+                                "output_dir": str(parent), "reference": reference_name}
+    settings.pop("optimizer")
     data = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
+        "settings": settings,
         "runs": [
             {
                 "optimizer": r.optimizer, "status": r.status, "reason": r.reason, "output_dir": r.output_dir,
                 "figures": {key: r.figure(key) for key, _, _ in COLUMNS},
-                "ratio_to_baseline": {key: ratio(r, key, baseline) for key, _, _ in COLUMNS},
-                "summary": r.summary,
+                "ratio_to_baseline": {key: ratio(r, key, reference) for key, _, _ in COLUMNS},
+                "result": None if r.result is None else r.result.to_json(),
             }
-            for r in results
+            for r in runs
         ],
     }
     (parent / "compare.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    header, rows = table_rows(results)
-    lines = [
-        f"# lowmem compare: {settings.get('model')} ({settings.get('mode')})",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
+    header, rows = table_rows(runs, reference_name)
+    lines = [f"# lowmem compare: {base.model} ({base.mode})", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    lines += ["", FOOTNOTE, ""]
+    lines += ["", footnote(reference_name), ""]
     (parent / "compare.md").write_text("\n".join(lines), encoding="utf-8")
 
 
-def print_table(results: list[RunResult], title: str) -> None:
+def print_table(runs: list[CompareRun], title: str, reference_name: str | None) -> None:
     from rich.table import Table
 
     from lowmem.progress import results_console
 
-    header, rows = table_rows(results)
-    table = Table(title=title, caption=FOOTNOTE)
+    header, rows = table_rows(runs, reference_name)
+    table = Table(title=title, caption=footnote(reference_name))
     for name in header:
         table.add_column(name, justify="left" if name in ("optimizer", "status") else "right")
     for row in rows:
         table.add_row(*row)
     results_console().print(table)
-
-

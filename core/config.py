@@ -1,73 +1,78 @@
-"""The typed run configuration and the parsing of the values users type.
+"""The typed run configuration: every training setting and its one default.
 
-Config flows one way: CLI options -> ``TrainConfig`` -> ``train(config, registry)``.
-The resolved config is saved as ``config.json`` with every run.
+Config flows one way: CLI options (or Python code) -> ``TrainConfig`` -> ``lowmem.train``.
+``lowmem.resolve.resolve_config`` fills in what depends on the plugins and the machine (the
+dataset, the merged optimizer settings, the run folder); that resolved config is what
+``config.json`` holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from lowmem.api import ConfigError, Optimizer
 
 MODES = ("pretraining", "finetuning")
 # bf16/fp16: autocast over fp32 weights. bf16-pure: weights, gradients and states in bf16 with
 # no fp32 master copy (what the GaLore paper's 7B-on-24GB figure uses): half the memory, less precision.
 DTYPES = ("auto", "bf16", "fp16", "fp32", "bf16-pure")
 ON_NONFINITE = ("stop", "skip")
-# --test caps: the seed's ~1000 pretraining tokens, a few finetuning batches.
-TEST_TOKENS = 1000
-TEST_BATCHES = 4
-DEFAULT_DATASETS = {"pretraining": "stdlib-docs", "finetuning": "stdlib-topics"}
+DEVICES = ("auto", "cpu", "cuda")
+REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str
-    optimizer: str
-    model: str
+    """One training run. ``mode``, ``optimizer`` and ``model`` are required; the rest has defaults."""
+
+    mode: str  # one of MODES
+    optimizer: str  # a registered optimizer name
+    model: str  # a registered model name
+    # A registered dataset, a local file or folder, or a hub id; "" = the dataset plugins mark as
+    # the default for the mode. Resolved into a registered name plus ``dataset_source``.
     dataset: str = ""
-    dataset_source: str | None = None  # a path or hub id for the generic datasets
-    batch_size: int = 16
-    num_epochs: int = 30
-    max_length: int = 512
-    num_training_tokens: int = 1_000_000_000
+    dataset_source: str | None = None  # the path or hub id a generic dataset plugin reads
+    batch_size: int = 16  # sequences per micro-batch, per process
+    num_epochs: int = 30  # finetuning epochs
+    max_length: int = 512  # tokens per sequence
+    num_training_tokens: int = 1_000_000_000  # pretraining budget in real (non-padding) tokens
     max_steps: int | None = None  # optimizer steps; caps either mode
-    shuffle: bool = True
-    dtype: str = "auto"  # auto: bf16 where it is fast (CUDA, AVX512-BF16/AMX CPUs), else fp16/fp32
-    lr: float = 4e-4
-    weight_decay: float = 0.01
-    # Cosine period in optimizer steps after warm-up; None = the whole run. (The seed
-    # used it as CosineAnnealingLR's T_max stepped per batch, which oscillates.)
+    shuffle: bool = True  # reshuffle documents each epoch, deterministically in the seed
+    dtype: str = "auto"  # one of DTYPES; auto: bf16 where it is fast, else fp16 (old GPUs) / fp32
+    lr: float = 4e-4  # peak learning rate
+    weight_decay: float = 0.01  # decoupled weight decay
+    # Biases and normalisation weights are not decayed unless this is set (as in HF Trainer).
+    decay_norms_and_biases: bool = False
+    # Cosine period in optimizer steps after warm-up; None = the rest of the run.
     tmax: int | None = None
-    warmup_steps: int | None = None  # None = 10% of the run
-    min_lr_ratio: float = 0.1
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    warmup_steps: int | None = None  # linear warm-up in optimizer steps; None = 10% of the run
+    min_lr_ratio: float = 0.1  # where the cosine ends, as a fraction of lr
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     seed: int = 42
-    test: bool = False
+    test: bool = False  # smoke mode: ~1000 pretraining tokens at length <= 32, or 4 finetuning batches
+    # JSON files read into the optimizer's settings (the seed's --lora_config / --galore_config
+    # apply to optimizers that declare them in ``config_files``; the third to any optimizer).
+    lora_config_file: str | None = None
+    galore_config_file: str | None = None
+    optimizer_config_file: str | None = None
+    # Settings laid over the files; once resolved, the complete merged settings of the optimizer.
     optimizer_config: dict[str, Any] = field(default_factory=dict)
-    output_dir: str = ""
-    eval_every: int = 0  # optimizer steps; 0 = only at the end
-    eval_batches: int = 50
-    log_every: int = 10
-    save_every: int = 0  # optimizer steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    on_nonfinite: str = "stop"
-    max_nonfinite_skips: int = 5
-    model_path: str | None = None
-    tokenizer: str | None = None
-    trust_remote_code: bool = False
-    device: str = "auto"
-    cache_dir: str = ""
-    report_to: tuple[str, ...] = ()
+    output_dir: str = ""  # "" = runs/<date>-<model>-<optimizer>
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end
+    eval_batches: int = 50  # held-out batches per evaluation
+    log_every: int = 10  # optimizer steps between metrics rows
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    resume: str | None = None  # "latest", a run folder or a checkpoint folder
+    on_nonfinite: str = "stop"  # one of ON_NONFINITE
+    max_nonfinite_skips: int = 5  # consecutive skipped updates before a "skip" run stops anyway
+    model_path: str | None = None  # Hugging Face folder or hub id with weights to finetune
+    tokenizer: str | None = None  # tokenizer folder or hub id
+    trust_remote_code: bool = False  # allow model folders that ship their own code
+    device: str = "auto"  # one of DEVICES
+    cache_dir: str = ""  # "" = $LOWMEM_CACHE_DIR, else ~/.cache/lowmem
+    report_to: tuple[str, ...] = ()  # any of REPORTERS
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -83,93 +88,9 @@ class TrainConfig:
         return cls(**values)
 
 
-# -- values users type -----------------------------------------------------------------------
-_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-def parse_count(text: str) -> int:
-    """'1e9', '100M', '1B', '2.5k', '1_000' -> int. Raises ValueError with a clear message."""
-    cleaned = str(text).strip().lower().replace("_", "").replace(",", "")
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([kmbgt]?)", cleaned)
-    if not match:
-        raise ValueError(f"{text!r} is not a count (examples: 1000000, 1e9, 100M, 1B)")
-    value = float(match.group(1)) * _SUFFIXES[match.group(2)]
-    if not math.isfinite(value) or value != int(value):
-        raise ValueError(f"{text!r} is not a whole number")
-    return int(value)
-
-
-def parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"{text!r} is not true or false")
-
-
-def parse_bytes(text: str) -> int:
-    """'24GB', '24GiB', '80G', '512MiB', '1e9' -> bytes (GB and GiB both mean 2**30)."""
-    cleaned = str(text).strip().lower().replace(" ", "")
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?", cleaned)
-    if not match:
-        raise ValueError(f"{text!r} is not a size (examples: 24GB, 80GiB, 512MB)")
-    unit = (match.group(2) or "b")[0]
-    scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
-    value = float(match.group(1)) * scale
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite size")
-    return int(value)
-
-
-# -- optimizer config files ------------------------------------------------------------------
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A JSON object from ``path``; problems name the file."""
-    file = Path(path)
-    if file.is_dir():
-        raise ConfigError(f"config file {str(file)!r} is a directory, not a JSON file")
-    if not file.is_file():
-        raise ConfigError(f"config file {str(file)!r} does not exist")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {str(file)!r} is not valid JSON: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {str(file)!r} cannot be read: {exc.strerror or exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(file)!r} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def _type_ok(default: Any, value: Any) -> bool:
-    if default is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int | float):
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(default, list | tuple):
-        return isinstance(value, list | tuple)
-    return isinstance(value, type(default))
-
-
-def merge_optimizer_config(optimizer: Optimizer, files: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """``optimizer.default_config`` overlaid by each (path, data) in order, keys and types checked."""
-    merged = json.loads(json.dumps(optimizer.default_config))  # a deep, JSON-clean copy
-    for path, data in files:
-        for key, value in data.items():
-            if key not in optimizer.default_config:
-                valid = ", ".join(sorted(optimizer.default_config)) or "none"
-                raise ConfigError(f"{path}: unknown key {key!r} for optimizer {optimizer.name!r}; valid keys: {valid}")
-            default = optimizer.default_config[key]
-            if not _type_ok(default, value):
-                raise ConfigError(
-                    f"{path}: key {key!r} must be {type(default).__name__}, got {json.dumps(value)}"
-                )
-            merged[key] = value
-    try:
-        optimizer.check_config(merged)
-    except ConfigError as exc:
-        where = ", ".join(p for p, _ in files) or "defaults"
-        raise ConfigError(f"{where}: {exc}") from None
-    return merged
+def default_of(name: str) -> Any:
+    """The default of a ``TrainConfig`` field: the one place each default is written."""
+    found = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    if found.default_factory is not dataclasses.MISSING:
+        return found.default_factory()
+    return found.default

@@ -14,17 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowmem.api import ConfigError
+from lowmem.errors import ConfigError, ExitCode, ReplicaMismatch
 
 # Set by mpirun (Open MPI, MPICH/Intel MPI, MVAPICH) in each process it starts.
 MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 # What ``accelerate launch --use_fsdp`` etc. export for the Accelerator to read.
 SHARDING_ENGINES = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
                     "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
-
-
-class ReplicaMismatch(RuntimeError):
-    """The model replicas of a data-parallel run are no longer identical."""
 
 
 @dataclass
@@ -50,8 +46,8 @@ class DistContext:
         asked = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", "0") or 0) or _accelerate_single_process_ask(environ)
         if asked > 1 and world != asked:
             raise ConfigError(
-                f"{asked} processes were asked for but this one sees WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}: the launcher started "
-                "single-process jobs (accelerate launch --cpu runs several only through MPI); use "
+                f"{asked} processes were asked for but this one sees "
+                f"WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}: the launcher started single-process jobs (accelerate launch --cpu runs several only through MPI); use "
                 f"`lowmem train --nproc {asked}`, `torchrun --nproc-per-node {asked} -m lowmem train` or "
                 f"`accelerate launch --multi_gpu --num_processes {asked} -m lowmem train` (gloo on CPU)"
             )
@@ -95,18 +91,23 @@ class DistContext:
             return model.no_sync()
         return nullcontext()
 
-    def sum(self, value: float, device) -> float:
+    def sum_(self, tensor):
+        """Sum ``tensor`` over all ranks, in place, without a host read: the loop packs every
+        per-step figure into one tensor so each step costs one collective."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_true(self, flag, device) -> bool:
+        """Whether ``flag`` (a bool or a 0-dim bool tensor) holds on every rank; a host read."""
         if not self.active:
-            return value
+            return bool(flag)
         import torch
-        import torch.distributed as dist
 
-        tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return float(tensor.item())
-
-    def all_true(self, flag: bool, device) -> bool:
-        return self.sum(0.0 if flag else 1.0, device) == 0.0
+        tensor = torch.as_tensor(flag, device=device).logical_not().to(torch.float64).reshape(1)
+        return float(self.sum_(tensor).item()) == 0.0
 
     def gather(self, obj: Any) -> list[Any]:
         if not self.active:
@@ -208,7 +209,7 @@ def _option(argv: list[str], name: str) -> str | None:
 
 # Exit codes after which the worker has already said why (plugin fault or Python traceback, bad
 # input, non-finite, signals): passed through as they are. Anything else is named by rank.
-_OWN_EXIT_CODES = {1, 2, 3, 130, 143}
+_OWN_EXIT_CODES = set(ExitCode) - {ExitCode.OK}
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowmem.api import CLASSIFICATION, ConfigError, Model, ModelRequest, Optimizer, OptimizerSettings
-from lowmem.assemble import PURE_BF16, cast_weights
-from lowmem.text import format_bytes
+from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
+from lowmem.errors import ConfigError
+from lowmem.precision import DTYPE_BYTES, PURE_BF16, cast_weights, uses_autocast, weight_bytes_per_element
 
 GENERIC_GUESS = "generic AdamW-like guess"
 FRAMEWORK_OVERHEAD = 0.10
@@ -50,7 +50,6 @@ ACTIVATION_FORMULA = (
     "autograd saves); x2 without autocast (fp32); plus the loss: fp32 logits, their log-softmax and gradient, "
     "12 bytes per token and vocabulary entry"
 )
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, PURE_BF16: 2}
 
 
 @dataclass
@@ -74,7 +73,7 @@ class Breakdown:
 
     @property
     def weight_dtype(self) -> str:
-        return "bf16" if self.settings.get("dtype") == PURE_BF16 else "fp32"
+        return "bf16" if weight_bytes_per_element(self.settings.get("dtype", "fp32")) == 2 else "fp32"
 
     @property
     def total(self) -> int:
@@ -180,7 +179,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                   optimizer_config_file: Any = None) -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
     that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
-    from lowmem.config import DEFAULT_DATASETS, merge_optimizer_config, read_config_file
+    from lowmem.resolve import merge_layers, read_config_file
 
     model_plugin = registry.model(model)
     if max_length > model_plugin.max_positions:
@@ -188,15 +187,15 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                           f"({model_plugin.max_positions} positions)")
     file_data = read_config_file(optimizer_config_file) if optimizer_config_file is not None else None
     files = [(str(optimizer_config_file), file_data)] if file_data is not None else []
-    dataset = registry.datasets.get(DEFAULT_DATASETS[mode])
-    objective = model_plugin.objective(mode, dataset.obj.kind if dataset else "text")
+    dataset = registry.dataset(registry.default_dataset(mode))
+    objective = model_plugin.objective(mode, dataset.kind)
     results: dict[str, Breakdown | str] = {}
     for name in [optimizer] if optimizer is not None else sorted(registry.optimizers):
         try:
             optimizer_plugin = registry.optimizer(name)
             results[name] = estimate(
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
-                max_length=max_length, dtype=dtype, optimizer_config=merge_optimizer_config(optimizer_plugin, files),
+                max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
                 per_layer=per_layer, grad_accum=grad_accum,
             )
         except ConfigError as exc:
@@ -211,7 +210,7 @@ def autocast_weight_copy_bytes(model: Any, dtype: str) -> int:
     head), which autocast makes in the forward and autograd keeps until that layer's backward."""
     import torch
 
-    if dtype in ("fp32", PURE_BF16):  # no autocast, so no 16-bit copies
+    if not uses_autocast(dtype):  # no 16-bit copies
         return 0
     seen: dict[int, int] = {}
     for module in model.modules():
@@ -266,68 +265,3 @@ def state_reduction(state_bytes: int, trainable_params: int, bytes_per_moment: i
     return 1 - state_bytes / reference if reference else 0.0
 
 
-# -- output ----------------------------------------------------------------------------------
-def footnotes(results: dict[str, Breakdown | str]) -> list[str]:
-    lines = [
-        "weights: fp32 master weights (4 bytes/parameter; autocast computes in 16 bits), or bf16 with "
-        "--dtype bf16-pure; gradients: one per trainable parameter (per-layer: the largest single one)",
-        ACTIVATION_FORMULA,
-        f"framework overhead: {FRAMEWORK_OVERHEAD:.0%} of the rest (allocator slack, backward temporaries); "
-        "GiB = 2^30 bytes",
-    ]
-    for name, result in results.items():
-        if isinstance(result, Breakdown):
-            lines += [f"{name}: {note}" for note in result.notes]
-    return lines
-
-
-def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | None, as_json: bool = False) -> None:
-    """A table with one column per optimizer (an optimizer that cannot apply shows n/a and why),
-    or JSON."""
-    import json
-
-    if as_json:
-        data = {
-            name: {**r.to_json(), "fits": r.fits(device_bytes), "device_memory": device_bytes}
-            if isinstance(r, Breakdown) else {"optimizer": name, "error": r}
-            for name, r in results.items()
-        }
-        print(json.dumps(data, indent=2))
-        return
-    from rich.table import Table
-
-    from lowmem.progress import results_console
-
-    first = next((r for r in results.values() if isinstance(r, Breakdown)), None)
-    title = "memory estimate"
-    if first is not None:
-        s = first.settings
-        title += (f": {first.model}, {s['mode']}, batch {s['batch_size']} x {s['max_length']} tokens, "
-                  f"{s['dtype']}{', per-layer' if first.per_layer else ''}")
-    table = Table(title=title)
-    table.add_column("")
-    for name in results:
-        table.add_column(name, justify="right")
-    labels = [label for label, _ in (first.rows() if first else [])]
-    for index, label in enumerate(labels):
-        cells = [format_bytes(r.rows()[index][1]) if isinstance(r, Breakdown) else "n/a" for r in results.values()]
-        style = "bold" if label == "total" else None
-        table.add_row(label, *cells, style=style)
-    table.add_row("parameters", *[f"{r.total_params:,}" if isinstance(r, Breakdown) else "" for r in results.values()])
-    table.add_row("trainable", *[f"{r.trainable_params:,}" if isinstance(r, Breakdown) else "" for r in results.values()])
-    table.add_row("states from", *[
-        ("plugin" if r.state_source == "plugin" else "generic guess") if isinstance(r, Breakdown) else ""
-        for r in results.values()
-    ])
-    if device_bytes is not None:
-        table.add_row(f"fits in {format_bytes(device_bytes)}", *[
-            ("[green]yes[/green]" if r.fits(device_bytes) else "[red]no[/red]") if isinstance(r, Breakdown) else ""
-            for r in results.values()
-        ])
-    console = results_console()
-    console.print(table)
-    for name, r in results.items():
-        if not isinstance(r, Breakdown):
-            console.print(f"n/a for {name}: {r}", markup=False)
-    for line in footnotes(results):
-        console.print(f"* {line}", markup=False, highlight=False)

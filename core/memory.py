@@ -96,3 +96,12 @@ def cuda_peaks(device) -> dict[str, int]:
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
         "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
     }
+
+
+def now_bytes(device) -> int:
+    """Memory in use now: CUDA's allocation on a GPU, else the process's resident set."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.memory_allocated(device))
+    return current_rss_bytes()

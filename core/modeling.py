@@ -137,8 +137,8 @@ def cached_weights_folder(repo_id: str) -> str | None:
     return str(folder) if any(cached_hub_file(repo_id, name) for name in WEIGHT_FILES) else None
 
 
-def resolve_weights(
-    model_plugin: Model, mode: str, model_path: str | None, test: bool, warn: Callable[[str], None]
+def find_weights(
+    model_plugin: Model, mode: str, model_path: str | None, test: bool, say: Callable[[str], None]
 ) -> str | None:
     """Where finetuning starts from: ``--model-path``, else the plugin's pretrained weights if they
     are cached locally, else (``--test`` only) random weights. Pretraining starts from random."""
@@ -152,7 +152,7 @@ def resolve_weights(
         return cached
     if test:
         what = f"{model_plugin.name} ({hub_id})" if hub_id else model_plugin.name
-        warn(f"warning: no pretrained weights for {what} offline; --test falls back to random init")
+        say(f"warning: no pretrained weights for {what} offline; --test falls back to random init")
         return None
     if hub_id is None:
         raise ConfigError(

@@ -1,7 +1,5 @@
 """Plots for ``lowmem compare`` and ``lowmem plot``: loss curves from each run's metrics.jsonl and
-a stacked bar chart of the memory each optimizer used. matplotlib is an optional extra
-(``pip install 'lowmem[plot]'``); without it ``PlotUnavailable`` says how to get it.
-"""
+a stacked bar chart of the memory each optimizer used (matplotlib, a regular dependency)."""
 
 from __future__ import annotations
 
@@ -9,20 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-INSTALL_HINT = "plots need matplotlib: pip install 'lowmem[plot]' (or pip install matplotlib)"
-# summary.json keys stacked in the memory bar chart, bottom to top.
-MEMORY_PARTS = (("param_bytes", "weights"), ("grad_bytes", "gradients"), ("optimizer_state_bytes", "optimizer states"))
-
-
-class PlotUnavailable(RuntimeError):
-    """matplotlib is not installed."""
+# RunResult fields stacked in the memory bar chart, bottom to top.
+MEMORY_PARTS = (("param_bytes", "weights"), ("grad_bytes", "gradients"),
+                ("optimizer_state_bytes", "optimizer states"))
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise PlotUnavailable(INSTALL_HINT) from None
+    import matplotlib
+
     matplotlib.use("Agg")  # files only: no display needed, none touched
     import matplotlib.pyplot as plt
 
@@ -77,11 +69,11 @@ def draw_loss_curves(axes: Any, run_dirs: list[Path], labels: list[str] | None =
     return drawn
 
 
-def draw_memory_bars(axes: Any, names: list[str], summaries: list[dict[str, Any]]) -> None:
+def draw_memory_bars(axes: Any, names: list[str], results: list[Any]) -> None:
     """One stacked bar per optimizer: weights, gradients and optimizer states, in MiB."""
     bottoms = [0.0] * len(names)
     for key, label in MEMORY_PARTS:
-        heights = [float(s.get(key) or 0) / 2**20 for s in summaries]
+        heights = [float(r.figure(key) or 0) / 2**20 for r in results]
         axes.bar(names, heights, bottom=bottoms, label=label)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     axes.set_ylabel("MiB")
@@ -101,13 +93,13 @@ def write_loss_plot(run_dirs: list[Path], output: Path) -> int:
     return drawn
 
 
-def write_compare_plot(results: list[Any], output: Path) -> None:
+def write_compare_plot(runs: list[Any], output: Path) -> None:
     """Loss curves of every run and the memory breakdown of the runs that finished."""
     plt = _pyplot()
     figure, (loss_axes, memory_axes) = plt.subplots(1, 2, figsize=(13, 5))
-    finished = [r for r in results if r.status == "ok"]
-    draw_loss_curves(loss_axes, [Path(r.output_dir) for r in results], [r.optimizer for r in results])
-    draw_memory_bars(memory_axes, [r.optimizer for r in finished], [r.summary for r in finished])
+    finished = [r for r in runs if r.result is not None]
+    draw_loss_curves(loss_axes, [Path(r.output_dir) for r in runs], [r.optimizer for r in runs])
+    draw_memory_bars(memory_axes, [r.optimizer for r in finished], [r.result for r in finished])
     figure.tight_layout()
     figure.savefig(output, dpi=100)
     plt.close(figure)

@@ -35,15 +35,8 @@ class Progress:
             self.task = self.bar.add_task("train", total=self.total, info="")
             self.bar.start()
 
-    def note(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(message)
-        else:
-            print(message, file=self.stream, flush=True)
-
-    def update(self, step: int, tokens: int, loss: float, lr: float, tokens_per_second: float, memory: int) -> None:
+    def update(self, step: int, tokens: int, loss: float, lr: float, tokens_per_second: float,
+               memory: int) -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.started
@@ -62,7 +55,11 @@ class Progress:
             self.bar.stop()
             self.bar = None
 
+    def __enter__(self) -> Progress:
+        return self
 
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def results_console(stream=None):

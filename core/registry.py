@@ -1,9 +1,16 @@
-"""Plugin loading: built-in plugins first, then entry points, each isolated from the others."""
+"""Plugin loading and lookup: built-in plugins first, then entry points, each isolated.
+
+Every registration goes through pluggy's own hook calls, so ``tryfirst``/``trylast`` and
+wrappers behave as pluggy documents; a plugin whose hook raises (or registers something that
+is not a lowmem object) is left out with a one-line warning and the call is made again
+without it. ``get_registry()`` is the process's registry, loaded once.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -14,7 +21,8 @@ from typing import Any
 import pluggy
 
 from lowmem import hookspecs
-from lowmem.api import ConfigError, Dataset, Model, Optimizer
+from lowmem.api import Dataset, Model, Optimizer
+from lowmem.errors import ConfigError, PluginFault
 
 ENTRY_POINT_GROUP = "lowmem"
 BUILT_IN = "built-in"
@@ -26,10 +34,6 @@ HOOKS: dict[str, tuple[str, type]] = {
     "register_datasets": ("datasets", Dataset),
 }
 KIND_OF = {"optimizers": "optimizer", "models": "model", "datasets": "dataset"}
-
-
-class PluginFault(RuntimeError):
-    """A plugin raised while lowmem was using it."""
 
 
 @dataclass
@@ -60,42 +64,88 @@ class Registry:
         self.models: dict[str, Entry] = {}
         self.datasets: dict[str, Entry] = {}
         self.warnings: list[str] = []
+        self._info_of: dict[int, PluginInfo] = {}
 
     # -- loading ---------------------------------------------------------------------------
-    def add(self, plugin: object, name: str, origin: str) -> PluginInfo:
-        """Register one plugin object (a module or a class instance) and collect what it registers.
-
-        A plugin with misspelt hooks, or whose hook raises, is left out with a warning; the
-        plugins registered before and after it are unaffected.
-        """
+    def add(self, plugin: object, name: str, origin: str, collect: bool = True) -> PluginInfo:
+        """Register one plugin object (a module or a class instance); with ``collect``, call the
+        hooks again so its registrations show at once. Misspelt hooks fail the plugin."""
         info = PluginInfo(name=name, origin=origin)
         self.plugins.append(info)
         try:
-            self.pm.register(plugin, name=name)
+            self.pm.register(plugin, name=f"{name}#{len(self.plugins)}")
             self.pm.check_pending()
         except Exception as exc:  # noqa: BLE001 - any plugin fault is isolated
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            return self._fail(info, f"{type(exc).__name__}: {exc}")
-        for hook_name, (attr, base) in HOOKS.items():
-            impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
-            for impl in impls:
-                info.hooks.append(hook_name)
-                collected: list[Any] = []
-                try:
-                    impl.function(register=collected.append)
-                    for obj in collected:
-                        _check_registered(obj, base, hook_name)
-                except Exception as exc:  # noqa: BLE001
-                    return self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
-                for obj in collected:
-                    self._store(attr, obj, origin)
+            self._fail(info, f"{type(exc).__name__}: {exc}")
+            return info
+        self._info_of[id(plugin)] = info
+        info.hooks = [h for h in HOOKS if any(i.plugin is plugin for i in self._impls(h))]
+        if collect:
+            self.collect()
         return info
 
-    def _fail(self, info: PluginInfo, reason: str) -> PluginInfo:
+    def collect(self) -> None:
+        """Fill the name tables by calling each hook once over every registered plugin. A plugin
+        whose hook fails is unregistered with its reason, and the tables are filled again."""
+        while True:
+            for attr in KIND_OF:
+                getattr(self, attr).clear()
+            failed = None
+            for hook_name, (attr, base) in HOOKS.items():
+                collected, failed = self._call(hook_name, base)
+                if failed is not None:
+                    break
+                for plugin, obj in collected:
+                    self._store(attr, obj, self._info_of[id(plugin)].origin)
+            if failed is None:
+                return
+            plugin, reason = failed
+            self.pm.unregister(plugin)
+            self._fail(self._info_of.pop(id(plugin)), reason)
+
+    def _impls(self, hook_name: str) -> list[Any]:
+        return getattr(self.pm.hook, hook_name).get_hookimpls()
+
+    def _call(self, hook_name: str, base: type) -> tuple[list[tuple[object, Any]], tuple[object, str] | None]:
+        """One pluggy call of ``hook_name``. Each hook function runs inside a wrapper that notes
+        whose registrations follow and catches its failure, so the other plugins still run."""
+        collected: list[tuple[object, Any]] = []
+        failures: list[tuple[object, str]] = []
+        calling: list[object] = []
+
+        def attributed(function: Callable[..., Any], plugin: object) -> Callable[..., Any]:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                calling.append(plugin)
+                try:
+                    return function(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - a plugin fault is isolated
+                    failures.append((plugin, f"{hook_name} raised {type(exc).__name__}: {exc}"))
+                    return None
+                finally:
+                    calling.pop()
+
+            return run
+
+        def register(obj: Any) -> None:
+            _check_registered(obj, base, hook_name)
+            collected.append((calling[-1], obj))
+
+        impls = [i for i in self._impls(hook_name) if not (i.hookwrapper or i.wrapper)]
+        originals = [impl.function for impl in impls]
+        for impl in impls:
+            impl.function = attributed(impl.function, impl.plugin)
+        try:
+            getattr(self.pm.hook, hook_name)(register=register)
+        finally:
+            for impl, function in zip(impls, originals, strict=True):
+                impl.function = function
+        return collected, (failures[0] if failures else None)
+
+    def _fail(self, info: PluginInfo, reason: str) -> None:
         info.status = f"failed: {reason}"
         self.warnings.append(f"lowmem: plugin {info.name} ({info.origin}) skipped: {reason}")
-        return info
 
     def _store(self, attr: str, obj: Any, origin: str) -> None:
         table: dict[str, Entry] = getattr(self, attr)
@@ -105,14 +155,16 @@ class Registry:
             return
         # Two plugins claiming one name is an error for that name: never silently first-wins.
         existing.conflicts.append(origin)
-        self.warnings.append(
-            f"lowmem: {KIND_OF[attr]} {obj.name!r} is registered by both {existing.origin} and {origin}"
-        )
+        message = f"lowmem: {KIND_OF[attr]} {obj.name!r} is registered by both {existing.origin} and {origin}"
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def load_entry_points(self, only: Iterable[str] | None = None) -> None:
         """Load each entry point of the ``lowmem`` group on its own (pluggy's loader stops at the
         first broken one). ``only`` limits loading to those entry-point names."""
         wanted = None if only is None else set(only)
+        if wanted == set():
+            return
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if wanted is not None and ep.name not in wanted:
                 continue
@@ -127,7 +179,7 @@ class Registry:
                 self.plugins.append(info)
                 self._fail(info, f"import failed: {type(exc).__name__}: {exc}")
                 continue
-            self.add(plugin, ep.name, origin)
+            self.add(plugin, ep.name, origin, collect=False)
 
     # -- lookup ----------------------------------------------------------------------------
     def get(self, attr: str, name: str) -> Any:
@@ -145,6 +197,33 @@ class Registry:
                 "or choose plugins with LOWMEM_LOAD_PLUGINS"
             )
         return entry.obj
+
+    def optimizer(self, name: str) -> Optimizer:
+        return self.get("optimizers", name)
+
+    def model(self, name: str) -> Model:
+        return self.get("models", name)
+
+    def dataset(self, name: str) -> Dataset:
+        return self.get("datasets", name)
+
+    def default_dataset(self, mode: str) -> str:
+        """The dataset a plugin marks as the default for ``mode`` (``Dataset.default_for``)."""
+        for name, entry in sorted(self.datasets.items()):
+            if mode in entry.obj.default_for:
+                return name
+        raise ConfigError(f"no dataset is registered as the default for {mode}; pass --dataset")
+
+    def tokenizer_corpus(self) -> Dataset:
+        """The dataset the offline fallback tokenizer is trained on (``Dataset.tokenizer_corpus``)."""
+        for _, entry in sorted(self.datasets.items()):
+            if entry.obj.tokenizer_corpus:
+                return entry.obj
+        raise ConfigError("no dataset offers a corpus for the fallback tokenizer; pass --tokenizer")
+
+    def reference_optimizer(self) -> str | None:
+        """The full-rank reference optimizer (``Optimizer.reference``), if one is registered."""
+        return next((name for name, e in sorted(self.optimizers.items()) if e.obj.reference), None)
 
     def describe(self, obj: Any) -> str:
         """'name' (origin) of a registered object, for messages."""
@@ -165,15 +244,6 @@ class Registry:
         except Exception as exc:  # noqa: BLE001 - any plugin failure
             raise PluginFault(f"{self.describe(obj)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
 
-    def optimizer(self, name: str) -> Optimizer:
-        return self.get("optimizers", name)
-
-    def model(self, name: str) -> Model:
-        return self.get("models", name)
-
-    def dataset(self, name: str) -> Dataset:
-        return self.get("datasets", name)
-
 
 def _check_registered(obj: Any, base: type, hook_name: str) -> None:
     if not isinstance(obj, base):
@@ -191,7 +261,7 @@ def built_in_plugins() -> list[ModuleType]:
 def load_registry(
     load_plugins: str | None = None,
     extra: Iterable[object] = (),
-    warn: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Registry:
     """Built-in plugins, then ``extra`` objects (tests), then entry points.
 
@@ -200,14 +270,34 @@ def load_registry(
     """
     registry = Registry()
     for module in built_in_plugins():
-        registry.add(module, module.__name__.rsplit(".", 1)[-1], BUILT_IN)
+        registry.add(module, module.__name__.rsplit(".", 1)[-1], BUILT_IN, collect=False)
     for i, plugin in enumerate(extra):
-        registry.add(plugin, getattr(plugin, "__name__", f"extra-{i}"), "test")
+        registry.add(plugin, getattr(plugin, "__name__", f"extra-{i}"), "test", collect=False)
     only = None if load_plugins is None else [n.strip() for n in load_plugins.split(",") if n.strip()]
     registry.load_entry_points(only)
+    registry.collect()
     for message in registry.warnings:
-        (warn or _stderr)(message)
+        (say or _stderr)(message)
     return registry
+
+
+# -- the process's registry ------------------------------------------------------------------
+# Tests inject inline plugins here instead of installing distributions.
+EXTRA_PLUGINS: list[object] = []
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The plugin registry, loaded once per process (LOWMEM_LOAD_PLUGINS chooses entry points)."""
+    global _registry
+    if _registry is None:
+        _registry = load_registry(os.environ.get("LOWMEM_LOAD_PLUGINS"), extra=EXTRA_PLUGINS)
+    return _registry
+
+
+def reset_registry() -> None:
+    global _registry
+    _registry = None
 
 
 def _stderr(message: str) -> None:

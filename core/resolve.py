@@ -1,33 +1,181 @@
-"""Turn validated CLI values into a ``TrainConfig``: look names up, read config files, pick
-defaults, and refuse what cannot work, all before any model is built."""
+"""Resolve a ``TrainConfig``: fill in what depends on the plugins and the machine, and refuse
+what cannot work, all before any model is built.
+
+"Resolve" means this one thing in lowmem: a config as the user gave it becomes the complete
+config of the run (registered dataset and its source, merged optimizer settings, --test caps,
+the run folder, the cache folder). The result is what ``config.json`` records, and resolving
+it again changes nothing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
+import math
 import os
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lowmem.api import ConfigError
-from lowmem.config import (
-    DEFAULT_DATASETS,
-    TEST_BATCHES,
-    TEST_TOKENS,
-    TrainConfig,
-    merge_optimizer_config,
-    read_config_file,
-)
+from lowmem.api import Optimizer
+from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, REPORTERS, TrainConfig
+from lowmem.errors import ConfigError
 from lowmem.registry import Registry
 
-# Sequence length cap in --test mode: a few short steps instead of one huge one, so even the
-# seed's llama_1b batch-32 command finishes on a CPU.
+# --test caps: the seed's ~1000 pretraining tokens in a few short steps (so even the seed's
+# llama_1b batch-32 command finishes on a CPU), a few finetuning batches.
+TEST_TOKENS = 1000
+TEST_BATCHES = 4
 TEST_MAX_LENGTH = 32
 TEST_FINETUNE_MAX_LENGTH = 128
+TEST_EVAL_BATCHES = 2
 GENERIC_FILES, GENERIC_HUB = "files", "hub"
+POSITIVE = ("batch_size", "num_epochs", "max_length", "num_training_tokens", "max_steps", "grad_accum",
+            "eval_batches", "log_every", "keep_checkpoints", "max_nonfinite_skips", "tmax")
+NOT_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every")
+CHOICES = {"mode": MODES, "dtype": DTYPES, "on_nonfinite": ON_NONFINITE, "device": DEVICES}
 
 
+def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str], None],
+                   environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """The complete config of the run. ``environ`` supplies LOWMEM_CACHE_DIR / XDG_CACHE_HOME
+    for the cache folder when ``config.cache_dir`` is empty (default: this process's)."""
+    check_values(config)
+    optimizer = registry.optimizer(config.optimizer)
+    model = registry.model(config.model)
+    dataset, source = resolve_dataset(config, registry)
+    changes: dict[str, Any] = {"optimizer_config": merge_optimizer_config(optimizer, config, say),
+                               "dataset": dataset, "dataset_source": source}
+    if config.test:
+        changes.update(test_caps(config, say))
+    max_length = changes.get("max_length", config.max_length)
+    if max_length > model.max_positions:
+        raise ConfigError(f"--max_length {max_length} is longer than model {model.name!r} allows "
+                          f"({model.max_positions} positions)")
+    changes["output_dir"] = str(run_folder(config, model.name, optimizer.name))
+    env = os.environ if environ is None else environ
+    changes["cache_dir"] = config.cache_dir or str(default_cache_dir(env))
+    return dataclasses.replace(config, **changes)
+
+
+def check_values(config: TrainConfig) -> None:
+    """Values Python callers can get wrong (the CLI's option checks catch them earlier)."""
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"{name} {getattr(config, name)!r} is not one of: {', '.join(choices)}")
+    for name in POSITIVE:
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    for name in NOT_NEGATIVE:
+        value = getattr(config, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{name} must be 0 or more, got {value}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ConfigError(f"lr must be a positive number, got {config.lr}")
+    for target in config.report_to:
+        if target not in REPORTERS:
+            raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")
+
+
+def resolve_dataset(config: TrainConfig, registry: Registry) -> tuple[str, str | None]:
+    """A registered name, else an existing local path (the ``files`` dataset), else a hub id."""
+    name = config.dataset or registry.default_dataset(config.mode)
+    if name in registry.datasets:
+        registry.dataset(name)  # raises on a name two plugins claim
+        return name, config.dataset_source  # a resolved config keeps its source
+    if Path(name).expanduser().exists():
+        return GENERIC_FILES, str(Path(name).expanduser().resolve())
+    if "/" in name or name in ("glue", "imdb", "ag_news", "wikitext"):
+        return GENERIC_HUB, name
+    choices = ", ".join(sorted(registry.datasets))
+    raise ConfigError(f"unknown dataset {name!r}: not registered ({choices}), not a local path, not a hub id")
+
+
+def test_caps(config: TrainConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    caps: dict[str, Any] = {"num_training_tokens": min(config.num_training_tokens, TEST_TOKENS),
+                            "eval_batches": min(config.eval_batches, TEST_EVAL_BATCHES)}
+    cap = TEST_MAX_LENGTH if config.mode == "pretraining" else TEST_FINETUNE_MAX_LENGTH
+    if config.max_length > cap:
+        say(f"note: --test caps --max_length at {cap} (was {config.max_length})")
+        caps["max_length"] = cap
+    if config.mode == "finetuning":
+        caps["max_steps"] = min(config.max_steps or TEST_BATCHES, TEST_BATCHES)
+    return caps
+
+
+# -- optimizer settings ----------------------------------------------------------------------
+def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """``optimizer.default_config`` overlaid by the config files in order, then by
+    ``config.optimizer_config``; keys and value types checked, then the plugin's own check."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for family, path in (("lora", config.lora_config_file), ("galore", config.galore_config_file)):
+        if path is None:
+            continue
+        if family in optimizer.config_files:
+            layers.append((str(path), read_config_file(path)))
+        else:
+            say(f"note: --{family}_config does not apply to optimizer {optimizer.name!r}; ignored")
+    if config.optimizer_config_file is not None:
+        layers.append((str(config.optimizer_config_file), read_config_file(config.optimizer_config_file)))
+    if config.optimizer_config:
+        layers.append(("optimizer_config", dict(config.optimizer_config)))
+    return merge_layers(optimizer, layers)
+
+
+def merge_layers(optimizer: Optimizer, layers: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The defaults overlaid by each (where, values) in order, checked."""
+    merged = json.loads(json.dumps(optimizer.default_config))  # a deep, JSON-clean copy
+    for where, data in layers:
+        for key, value in data.items():
+            if key not in optimizer.default_config:
+                valid = ", ".join(sorted(optimizer.default_config)) or "none"
+                raise ConfigError(f"{where}: unknown key {key!r} for optimizer {optimizer.name!r}; "
+                                  f"valid keys: {valid}")
+            default = optimizer.default_config[key]
+            if not _same_type(default, value):
+                raise ConfigError(f"{where}: key {key!r} must be {type(default).__name__}, got {json.dumps(value)}")
+            merged[key] = value
+    try:
+        optimizer.check_config(merged)
+    except ConfigError as exc:
+        where = ", ".join(w for w, _ in layers) or "defaults"
+        raise ConfigError(f"{where}: {exc}") from None
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path``; problems name the file."""
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"config file {str(file)!r} is a directory, not a JSON file")
+    if not file.is_file():
+        raise ConfigError(f"config file {str(file)!r} does not exist")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(file)!r} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(file)!r} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(file)!r} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _same_type(default: Any, value: Any) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int | float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, list | tuple):
+        return isinstance(value, list | tuple)
+    return isinstance(value, type(default))
+
+
+# -- folders ---------------------------------------------------------------------------------
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
     if environ.get("LOWMEM_CACHE_DIR"):
         return Path(environ["LOWMEM_CACHE_DIR"])
@@ -35,17 +183,23 @@ def default_cache_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "lowmem"
 
 
-def resolve_dataset(name: str, registry: Registry) -> tuple[str, str | None]:
-    """A registered name, else an existing local path (the ``files`` dataset), else a hub id."""
-    if name in registry.datasets:
-        registry.dataset(name)  # raises on a name two plugins claim
-        return name, None
-    if Path(name).expanduser().exists():
-        return GENERIC_FILES, str(Path(name).expanduser().resolve())
-    if "/" in name or name in ("glue", "imdb", "ag_news", "wikitext"):
-        return GENERIC_HUB, name
-    choices = ", ".join(sorted(registry.datasets))
-    raise ConfigError(f"unknown dataset {name!r}: not registered ({choices}), not a local path, not a hub id")
+def run_folder(config: TrainConfig, model: str, optimizer: str) -> Path:
+    """The run folder: given, the resumed run's, or a new dated one; never an existing run
+    unless resuming it, and writable."""
+    output_dir = config.output_dir or None
+    if config.resume and config.resume != "latest" and output_dir is None:
+        output_dir = str(run_dir_of(Path(config.resume)))
+    if config.resume == "latest" and output_dir is None:
+        raise ConfigError("--resume latest needs --output-dir: the run folder whose newest checkpoint to continue")
+    if output_dir is None:
+        path = new_run_dir(model, optimizer)
+    else:
+        path = Path(output_dir)
+        if not config.resume and (path / "config.json").exists():
+            raise ConfigError(
+                f"{path} already holds a run; choose another --output-dir or continue it with --resume latest")
+    check_writable_folder(path)
+    return path
 
 
 def new_run_dir(model: str, optimizer: str, root: Path = Path("runs")) -> Path:
@@ -58,110 +212,7 @@ def new_run_dir(model: str, optimizer: str, root: Path = Path("runs")) -> Path:
     return candidate
 
 
-def build_train_config(
-    params: Mapping[str, Any],
-    registry: Registry,
-    environ: Mapping[str, str],
-    note: Callable[[str], None] | None = None,
-) -> TrainConfig:
-    say = note or (lambda message: print(message, file=sys.stderr))
-    optimizer = registry.optimizer(params["optimizer"])
-    model = registry.model(params["model"])
-    dataset_name, source = resolve_dataset(params.get("dataset") or DEFAULT_DATASETS[params["mode"]], registry)
-
-    max_length = params["max_length"]
-
-    files: list[tuple[str, dict[str, Any]]] = []
-    for family, option in (("lora", "lora_config"), ("galore", "galore_config")):
-        path = params.get(option)
-        if path is None:
-            continue
-        if family in optimizer.config_files:
-            files.append((str(path), read_config_file(path)))
-        else:
-            say(f"note: --{option} does not apply to optimizer {optimizer.name!r}; ignored")
-    if params.get("optimizer_config") is not None:
-        files.append((str(params["optimizer_config"]), read_config_file(params["optimizer_config"])))
-    optimizer_config = merge_optimizer_config(optimizer, files)
-
-    test = bool(params.get("test"))
-    num_tokens = params["num_training_tokens"]
-    max_steps = params.get("max_steps")
-    eval_batches = params.get("eval_batches", 50)
-    if test:
-        num_tokens = min(num_tokens, TEST_TOKENS)
-        cap = TEST_MAX_LENGTH if params["mode"] == "pretraining" else TEST_FINETUNE_MAX_LENGTH
-        if max_length > cap:
-            say(f"note: --test caps --max_length at {cap} (was {max_length})")
-            max_length = cap
-        if params["mode"] == "finetuning":
-            max_steps = min(max_steps or TEST_BATCHES, TEST_BATCHES)
-        eval_batches = min(eval_batches, 2)
-    if max_length > model.max_positions:
-        raise ConfigError(
-            f"--max_length {max_length} is longer than model {model.name!r} allows ({model.max_positions} positions)"
-        )
-
-    resume = params.get("resume")
-    output_dir = params.get("output_dir")
-    if resume and resume != "latest" and output_dir is None:
-        output_dir = _run_dir_of(Path(resume))
-    if resume == "latest" and output_dir is None:
-        raise ConfigError("--resume latest needs --output-dir: the run folder whose newest checkpoint to continue")
-    if output_dir is None:
-        output_dir = new_run_dir(model.name, optimizer.name)
-    elif not resume and (Path(output_dir) / "config.json").exists():
-        raise ConfigError(
-            f"{output_dir} already holds a run; choose another --output-dir or continue it with --resume latest"
-        )
-
-    _check_writable_folder(Path(output_dir))
-    report_to = tuple(x.strip() for x in str(params.get("report_to") or "").split(",") if x.strip())
-    for target in report_to:
-        if target not in ("tensorboard", "wandb"):
-            raise ConfigError(f"--report-to {target!r} is not one of: tensorboard, wandb")
-
-    return TrainConfig(
-        mode=params["mode"],
-        optimizer=optimizer.name,
-        model=model.name,
-        dataset=dataset_name,
-        dataset_source=source,
-        batch_size=params["batch_size"],
-        num_epochs=params["num_epochs"],
-        max_length=max_length,
-        num_training_tokens=num_tokens,
-        max_steps=max_steps,
-        shuffle=bool(params["shuffle"]),
-        dtype=params["dtype"],
-        lr=params["lr"],
-        weight_decay=params["weight_decay"],
-        tmax=params.get("tmax"),
-        warmup_steps=params.get("warmup_steps"),
-        grad_accum=params.get("grad_accum", 1),
-        max_grad_norm=params.get("max_grad_norm", 1.0),
-        seed=params.get("seed", 42),
-        test=test,
-        optimizer_config=optimizer_config,
-        output_dir=str(output_dir),
-        eval_every=params.get("eval_every", 0),
-        eval_batches=eval_batches,
-        log_every=params.get("log_every", 10),
-        save_every=params.get("save_every", 0),
-        keep_checkpoints=params.get("keep_checkpoints", 2),
-        resume=resume,
-        on_nonfinite=params.get("on_nonfinite", "stop"),
-        max_nonfinite_skips=params.get("max_nonfinite_skips", 5),
-        model_path=params.get("model_path"),
-        tokenizer=params.get("tokenizer"),
-        trust_remote_code=bool(params.get("trust_remote_code")),
-        device=params.get("device", "auto"),
-        cache_dir=str(default_cache_dir(environ)),
-        report_to=report_to,
-    )
-
-
-def _check_writable_folder(path: Path) -> None:
+def check_writable_folder(path: Path) -> None:
     """The run folder must be (or become) a writable directory: found now, not after the model
     is built."""
     if path.exists() and not path.is_dir():
@@ -175,7 +226,7 @@ def _check_writable_folder(path: Path) -> None:
         raise ConfigError(f"--output-dir {path} cannot be written: {existing} is read-only")
 
 
-def _run_dir_of(path: Path) -> Path:
+def run_dir_of(path: Path) -> Path:
     """A checkpoint folder's run folder (``RUN/checkpoints/step-N`` -> ``RUN``), or the folder itself."""
     if path.parent.name == "checkpoints":
         return path.parent.parent

@@ -13,7 +13,8 @@ from typing import Any
 
 from lowmem.config import TrainConfig
 
-LIBRARIES = ("torch", "transformers", "peft", "galore-torch", "bitsandbytes", "accelerate", "datasets", "tokenizers")
+LIBRARIES = ("torch", "transformers", "peft", "galore-torch", "bitsandbytes", "accelerate", "datasets",
+             "tokenizers")
 
 
 def library_versions() -> dict[str, str]:
@@ -95,8 +96,23 @@ class RunFiles:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
+
+    def __enter__(self) -> RunFiles:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def logged_losses(self) -> list[float]:
+        """The training losses in metrics.jsonl, in order."""
+        if not self.metrics_path.exists():
+            return []
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [row["loss"] for row in rows if "loss" in row]
 
 
 def print_summary(summary: dict[str, Any], stream=None) -> None:

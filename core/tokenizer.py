@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 BOS, EOS, PAD, UNK, MASK = "<s>", "</s>", "<pad>", "<unk>", "<mask>"
 # RoBERTa's order: pad id 1 keeps RoBERTa's position ids (which start after the pad id) in range.
 SPECIAL_TOKENS = [BOS, PAD, EOS, UNK, MASK]
-CORPUS_DATASET = "stdlib-docs"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
 
 
@@ -38,7 +37,7 @@ def load_tokenizer(
     model_plugin: Model,
     cache_dir: Path,
     registry: Registry,
-    warn: Callable[[str], None],
+    say: Callable[[str], None],
 ) -> PreTrainedTokenizerFast:
     """The run's tokenizer, with a pad token (and a mask token where the model pretrains as a
     masked LM). Its ``len()`` is the vocabulary size to build the model with."""
@@ -54,9 +53,10 @@ def load_tokenizer(
     elif model_plugin.tokenizer_id is not None:
         loaded = cached_hub_tokenizer(model_plugin.tokenizer_id)
         if loaded is None:
-            warn(
+            say(
                 f"note: tokenizer {model_plugin.tokenizer_id!r} is not in the local Hugging Face cache; "
-                f"using a byte-level BPE with {model_plugin.vocab_size} tokens trained on {CORPUS_DATASET}"
+                f"using a byte-level BPE with {model_plugin.vocab_size} tokens trained on "
+                f"{registry.tokenizer_corpus().name}"
             )
     if loaded is None:
         loaded = corpus_bpe_tokenizer(model_plugin.vocab_size, Path(cache_dir), registry)
@@ -119,7 +119,7 @@ def corpus_bpe_tokenizer(vocab_size: int, cache_dir: Path, registry: Registry) -
 
     folder = bpe_cache_folder(cache_dir, vocab_size)
     if not (folder / "tokenizer.json").is_file():
-        corpus = registry.dataset(CORPUS_DATASET).records(
+        corpus = registry.tokenizer_corpus().records(
             DataRequest(split="train", cache_dir=Path(cache_dir))
         )
         save_atomically(train_bpe((record["text"] for record in corpus), vocab_size), folder)

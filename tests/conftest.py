@@ -14,9 +14,7 @@ os.environ.setdefault("LOWMEM_CACHE_DIR", tempfile.mkdtemp(prefix="lowmem-test-c
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lowmem-test-hf-"))
 
 import pytest  # noqa: E402
-from tiny_plugin import TINY_VOCAB, tiny_model_classes  # noqa: E402,F401 - shared with subprocesses
-
-import lowmem  # noqa: E402
+import tiny_plugin  # noqa: E402 - the tiny models, registered as a plugin module
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,21 +28,12 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-class TinyModels:
-    """A test plugin, registered exactly as a third party's would be."""
-
-    @lowmem.hookimpl
-    def register_models(self, register):
-        for cls in tiny_model_classes():
-            register(cls())
-
-
 @pytest.fixture
 def tiny_registry():
     """A fresh registry: built-ins plus the tiny test models, no entry points."""
     from lowmem.registry import load_registry
 
-    return load_registry("", extra=[TinyModels()])
+    return load_registry("", extra=[tiny_plugin])
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +41,7 @@ def registry():
     """One registry (built-ins plus tiny models) shared by a test module."""
     from lowmem.registry import load_registry
 
-    return load_registry("", extra=[TinyModels()])
+    return load_registry("", extra=[tiny_plugin])
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +53,35 @@ def tokenizer(registry):
 
     return load_tokenizer(tokenizer=None, model_path=None, model_plugin=registry.model("tiny-roberta"),
                           cache_dir=Path(os.environ["LOWMEM_CACHE_DIR"]), registry=registry,
-                          warn=lambda message: None)
+                          say=lambda message: None)
 
 
 @pytest.fixture
-def cli(monkeypatch):
+def plugins(monkeypatch):
+    """Set the plugins the process registry loads besides the built-ins (the tiny models by
+    default): ``plugins(extra_plugin, ...)`` adds inline hookimpl objects for one test."""
+    from lowmem import registry
+
+    def use(*extra: object) -> None:
+        monkeypatch.setattr(registry, "EXTRA_PLUGINS", [tiny_plugin, *extra])
+        registry.reset_registry()
+
+    use()
+    yield use
+    registry.reset_registry()
+
+
+@pytest.fixture
+def cli(plugins, monkeypatch):
     """A CliRunner-driven ``lowmem`` with the tiny models registered; returns invoke(args)."""
     from typer.testing import CliRunner
 
     from lowmem import cli as cli_module
 
-    monkeypatch.setattr(cli_module, "EXTRA_PLUGINS", [TinyModels()])
     monkeypatch.setenv("COLUMNS", "200")  # rich tables unwrapped, so names are asserted whole
-    cli_module.reset_registry()
     runner = CliRunner()
 
     def invoke(*args: str):
         return runner.invoke(cli_module.app, [str(a) for a in args])
 
-    yield invoke
-    cli_module.reset_registry()
+    return invoke

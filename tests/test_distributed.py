@@ -20,8 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_resume import assert_runs_identical, final_tensors, interrupted_copy, resume_args
-from test_train import pretrain_args, train_losses
+from support_runs import (
+    assert_runs_identical,
+    final_tensors,
+    interrupted_copy,
+    pretrain_args,
+    resume_args,
+    train_losses,
+)
 
 TESTS = Path(__file__).resolve().parent
 TOKENS = 2560  # 10 full steps of 2 x 4 x 32 tokens: no partial last step to compose differently

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TinyModels, tiny_model_classes
-from test_train import pretrain_args, read_metrics
+from support_runs import pretrain_args, read_metrics
+from tiny_plugin import tiny_model_classes
 
 import lowmem
 
@@ -61,11 +61,8 @@ class BreaksMidRun(lowmem.Dataset):
 
 
 @pytest.fixture
-def faulty_cli(cli, monkeypatch):
-    from lowmem import cli as cli_module
-
-    monkeypatch.setattr(cli_module, "EXTRA_PLUGINS", [TinyModels(), Faulty()])
-    cli_module.reset_registry()
+def faulty_cli(cli, plugins):
+    plugins(Faulty())
     return cli
 
 
@@ -79,7 +76,7 @@ def all_finite(checkpoint: Path) -> bool:
     import safetensors.torch
     import torch
 
-    from lowmem.checkpoint import load_tensors
+    from lowmem.checkpoint_files import load_tensors
     from lowmem.memory import iter_tensors
 
     tensors = [*safetensors.torch.load_file(str(checkpoint / "model.safetensors")).values(),
@@ -88,7 +85,7 @@ def all_finite(checkpoint: Path) -> bool:
 
 
 def test_nan_loss_stops_before_the_update(faulty_cli, tmp_path):
-    from lowmem.checkpoint import complete_checkpoints, verify
+    from lowmem.checkpoint_files import complete_checkpoints, verify
 
     args = with_model(pretrain_args(tmp_path, "galore", tokens=3000, extra=["--save-every", "2"]), "nan-at-5")
     result = faulty_cli(*args)
@@ -124,7 +121,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_without_advancing_the_schedule(f
 
 
 def _two_checkpoints(cli, tmp_path) -> tuple[list[str], list[Path]]:
-    from lowmem.checkpoint import complete_checkpoints
+    from lowmem.checkpoint_files import complete_checkpoints
 
     args = pretrain_args(tmp_path, "galore8bit", tokens=1600, extra=["--save-every", "3", "--keep-checkpoints", "5"])
     assert cli(*args).exit_code == 0
@@ -186,9 +183,11 @@ def test_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(cli, tmp_path)
 
 
 def test_full_disk_during_a_save_names_the_path_and_keeps_the_previous(cli, tmp_path, monkeypatch):
-    from lowmem.checkpoint import complete_checkpoints, verify
+    from lowmem.checkpoint_files import complete_checkpoints, verify
 
-    monkeypatch.setenv("LOWMEM_FAULT_DISK_FULL_AT", "files@6")
+    from fault_injection import inject
+
+    inject("disk-full:files@6", monkeypatch.setattr)
     args = pretrain_args(tmp_path, "baseline", tokens=3000, extra=["--save-every", "3"])
     result = cli(*args)
     assert result.exit_code == 2
@@ -211,7 +210,7 @@ def test_remote_code_model_folder_is_refused(cli, tmp_path):
 
 
 def test_plugin_failing_mid_run_is_named(faulty_cli, tmp_path):
-    from lowmem.checkpoint import complete_checkpoints, verify
+    from lowmem.checkpoint_files import complete_checkpoints, verify
 
     args = pretrain_args(tmp_path, "baseline", tokens=10**6, extra=["--dataset", "breaks-mid-run", "--save-every", "1"])
     result = faulty_cli(*args)
@@ -230,22 +229,19 @@ class EmptyTrainSplit(lowmem.Dataset):
             yield {"text": "held out " * 40}
 
 
-def test_data_too_small_for_one_step_is_an_error_not_an_endless_loop(cli, tmp_path, monkeypatch):
-    from lowmem import cli as cli_module
-
+def test_data_too_small_for_one_step_is_an_error_not_an_endless_loop(cli, plugins, tmp_path):
     class Plugin:
         @lowmem.hookimpl
         def register_datasets(self, register):
             register(EmptyTrainSplit())
 
-    monkeypatch.setattr(cli_module, "EXTRA_PLUGINS", [TinyModels(), Plugin()])
-    cli_module.reset_registry()
+    plugins(Plugin())
     result = cli(*pretrain_args(tmp_path, "baseline", extra=["--dataset", "empty-train"]))
     assert result.exit_code == 2 and "too small" in result.output
 
 
 def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(cli, tmp_path):
-    from lowmem.checkpoint import complete_checkpoints
+    from lowmem.checkpoint_files import complete_checkpoints
 
     args, saved = _two_checkpoints(cli, tmp_path)
     assert [p.name for p in saved] == ["step-3", "step-6", "step-9", "step-12", "step-13"]

@@ -1,17 +1,24 @@
-"""lowmem's 8-bit GaLore optimizer against 32-bit GaLore, and the galore_torch bugs it avoids."""
+"""lowmem's GaLore optimizers against galore_torch: identical 32-bit updates, the 8-bit optimizer's
+direction, the galore_torch bugs it avoids, and the ranks galore_torch's projector can handle."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 
 import lowmem
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 torch = pytest.importorskip("torch")
 
-from test_optimizers import TINY_CONFIG, batch_for, setup, single_thread, train  # noqa: E402, F401
+from support_optimizers import (  # noqa: E402
+    LR,
+    TINY_CONFIG,
+    batch_for,
+    plugin,
+    settings_for,
+    setup,
+    tiny_llama,
+    train,
+)
 
 # Every projected moment of the width-32 llama at rank 8 has >= 256 elements: all 8-bit.
 EIGHT_BIT = {"rank": 8, "min_8bit_size": 256}
@@ -60,7 +67,8 @@ def test_quantization_state_is_wrapped_and_survives_a_weights_only_load(tmp_path
     torch.save(optimizer.state_dict(), path)
     loaded = torch.load(path, weights_only=True)
     first = loaded["state"][0]
-    assert set(first["__bnb_optimizer_quant_state__"]) == {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
+    assert set(first["__bnb_optimizer_quant_state__"]) == {
+        "state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
     assert first["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.uint8
     assert set(first["projector"]) == {"ortho_matrix", "rank", "update_proj_gap", "scale"}
 
@@ -98,12 +106,173 @@ def test_lora_galore8bit_moments_are_low_rank():
             assert optimizer.state[p]["state1"].shape == (32, 4)  # out x rank, not out x r
 
 
+# -- grouping, resume, per-layer mode ---------------------------------------------------------
+def test_galore_groups_project_only_target_weights():
+    _, model, optimizer, _ = setup("galore", "gpt2")
+    projected, *plain = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert projected["rank"] == 8 and len(plain) == 2 and all("rank" not in g for g in plain)
+    assert sorted({names[id(p)].split(".")[-2] for p in projected["params"]}) == ["c_attn", "c_fc", "c_proj"]
+    assert all(p.dim() == 2 for p in projected["params"])
+    plain_names = [names[id(p)] for g in plain for p in g["params"]]
+    assert "transformer.wte.weight" in plain_names and any(n.endswith(".bias") for n in plain_names)
+    assert len(projected["params"]) + len(plain_names) == len(list(model.parameters()))
+
+
+def test_galore_keeps_roberta_classifier_out_of_projection():
+    _, model, optimizer, _ = setup("galore", "roberta")
+    projected_ids = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert id(model.classifier.dense.weight) not in projected_ids
+    assert id(model.roberta.encoder.layer[0].intermediate.dense.weight) in projected_ids
+
+
+def test_resume_uses_the_saved_projection_matrix():
+    _, model, optimizer, settings = setup("galore")
+    train(model, optimizer, batch_for(lowmem.CAUSAL_LM), steps=1)
+    saved = optimizer.state_dict()
+    fresh = plugin("galore").build(model, settings)
+    fresh.load_state_dict(saved)
+    for p in optimizer.param_groups[0]["params"]:
+        projector = fresh.state[p]["projector"]
+        assert torch.equal(projector.ortho_matrix, optimizer.state[p]["projector"].ortho_matrix)
+        assert projector.proj_type == "std" and projector.rank == 8
+
+
+@pytest.mark.parametrize("name", ["galore", "galore8bit"])
+def test_per_layer_with_accumulation_matches_the_whole_model_optimizer(name):
+    batch = batch_for(lowmem.CAUSAL_LM)
+    runs = {}
+    for per_layer in (False, True):
+        config = {**TINY_CONFIG[name], "per_layer": per_layer}
+        _, model, optimizer, _ = setup(name, config=config, grad_accum=2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+        train(model, optimizer, batch, steps=3, grad_accum=2, scheduler=scheduler)
+        runs[per_layer] = (model, optimizer)
+        if per_layer:
+            assert all(g["lr"] == LR[name] * 0.5 ** 3 for inner in optimizer.inner_optimizers
+                       for g in inner.param_groups)
+            assert all(p.grad is None for p in model.parameters())
+    for a, b in zip(runs[False][0].parameters(), runs[True][0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_per_layer_zero_grad_restarts_the_window():
+    _, model, optimizer, _ = setup("galore", config={"rank": 8, "per_layer": True}, grad_accum=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(**batch_for(lowmem.CAUSAL_LM)).loss.backward()
+    optimizer.zero_grad()  # a skipped micro-batch: nothing may step on the next one alone
+    model(**batch_for(lowmem.CAUSAL_LM)).loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [({"max_grad_norm": 1.0}, "--max-grad-norm 0"), ({"world_size": 2}, "single process")],
+)
+def test_per_layer_refuses_what_cannot_combine(overrides, needle):
+    with pytest.raises(lowmem.ConfigError, match="per_layer") as info:
+        setup("galore", config={"rank": 8, "per_layer": True}, **overrides)
+    assert needle in str(info.value)
+
+
+# -- against galore_torch -------------------------------------------------------------------
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SHAPES = [(4, 4), (4, 6), (6, 4)]
+
+
+def test_galore_updates_equal_galore_torch_exactly():
+    """The same groups (decay split included) in galore_torch.GaLoreAdamW with its default eps:
+    identical parameters after steps crossing two projection refreshes."""
+    from galore_torch import GaLoreAdamW
+
+    config = {**TINY_CONFIG["galore"], "update_proj_gap": 3}
+    _, model, optimizer, _ = setup("galore", config=config, weight_decay=0.1)
+    reference = tiny_llama()
+    by_name, names = dict(reference.named_parameters()), {id(p): n for n, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k in ("weight_decay", *GALORE_KEYS)},
+               "params": [by_name[names[id(p)]] for p in g["params"]]} for g in optimizer.param_groups]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1, 0.0]
+    reference_optimizer = GaLoreAdamW(groups, lr=LR["galore"], no_deprecation_warning=True)
+    for seed in range(7):
+        batch = batch_for(lowmem.CAUSAL_LM, seed=seed)
+        train(model, optimizer, batch, steps=1)
+        train(reference, reference_optimizer, batch, steps=1)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def galore_torch_steps(shape, rank, proj_type) -> bool:
+    """Whether galore_torch's GaLoreAdamW can step a weight of ``shape`` at ``rank``."""
+    from galore_torch import GaLoreAdamW
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape, generator=generator))
+    group = {"params": [weight], "rank": rank, "update_proj_gap": 1, "scale": 0.25, "proj_type": proj_type}
+    optimizer = GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
+    try:
+        for _ in range(2):
+            weight.grad = torch.randn(shape, generator=generator)
+            optimizer.step()
+    except RuntimeError:  # "mat1 and mat2 shapes cannot be multiplied"
+        return False
+    return True
+
+
+def test_reverse_std_at_the_smaller_dimension_of_a_wide_matrix_crashes_galore_torch():
+    assert not galore_torch_steps((4, 6), 4, "reverse_std")
+    assert galore_torch_steps((4, 6), 3, "reverse_std") and galore_torch_steps((6, 4), 4, "reverse_std")
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}")
+def test_check_rank_refuses_exactly_what_galore_torch_cannot_do(shape, proj_type):
+    from lowmem.plugins.optimizers.galore_common import check_rank
+
+    for rank in range(1, max(shape) + 1):
+        try:
+            check_rank([("w", torch.zeros(shape))], rank, proj_type)
+            refused = False
+        except lowmem.ConfigError:
+            refused = True
+        works = rank <= min(shape) and galore_torch_steps(shape, rank, proj_type)
+        assert refused == (not works), rank
+
+
+@pytest.mark.parametrize("name", ["galore", "galore8bit"])
+def test_rank_larger_than_a_matrix_is_refused_at_build(name):
+    with pytest.raises(lowmem.ConfigError, match=r"'rank' 48 .*\(32x32\) with proj_type std.*at most 32"):
+        setup(name, config={**TINY_CONFIG[name], "rank": 48})
+
+
+@pytest.mark.parametrize("name", ["galore", "galore8bit"])
+def test_reverse_std_at_the_smaller_dimension_is_refused_at_build(name):
+    with pytest.raises(lowmem.ConfigError) as info:
+        setup(name, config={**TINY_CONFIG[name], "rank": 32, "proj_type": "reverse_std"})
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in ("model.layers.0.mlp.down_proj.weight (32x64)", "'rank' 32", "proj_type reverse_std",
+                   "at most 31"):
+        assert needle in message
+
+
+@pytest.mark.parametrize(("name", "proj_type"), [("galore", p) for p in PROJ_TYPES] + [
+    ("galore8bit", "reverse_std")])
+def test_every_proj_type_trains_at_its_largest_rank(name, proj_type):
+    from lowmem.memory import optimizer_state_bytes as measured_state_bytes
+
+    rank = 31 if proj_type == "reverse_std" else 32  # the smaller dimension of every target
+    config = {**TINY_CONFIG[name], "rank": rank, "proj_type": proj_type}
+    optimizer_plugin, model, optimizer, settings = setup(name, config=config)
+    losses = train(model, optimizer, batch_for(lowmem.CAUSAL_LM), steps=3)
+    assert losses[-1] < losses[0]
+    assert optimizer_plugin.state_bytes(model, settings) == measured_state_bytes(optimizer)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_galore8bit_on_cuda(per_layer):
-    from test_optimizers import plugin, settings_for, tiny_llama
-
     from lowmem.memory import optimizer_state_bytes as measured_state_bytes
 
     settings = settings_for("galore8bit", config={**EIGHT_BIT, "per_layer": per_layer})

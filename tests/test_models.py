@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VOCAB
+from tiny_plugin import TINY_VOCAB
 
 import lowmem
 from lowmem.data import DataSpec, train_batches
-from lowmem.modeling import refuse_unrequested_remote_code, resolve_weights
+from lowmem.modeling import refuse_unrequested_remote_code, find_weights
 
 
 def on_meta(registry, name, objective=None, vocab=32000, num_labels=0):
@@ -145,15 +145,15 @@ def test_a_folder_shipping_its_own_code_is_refused_without_the_flag(registry, tm
 def test_weights_come_from_model_path_or_fail_offline_with_instructions(registry):
     messages: list[str] = []
     roberta, llama = registry.model("roberta"), registry.model("llama_60m")
-    assert resolve_weights(roberta, "pretraining", None, test=False, warn=messages.append) is None
-    assert resolve_weights(roberta, "finetuning", "/models/mine", test=False, warn=messages.append) == "/models/mine"
+    assert find_weights(roberta, "pretraining", None, test=False, say=messages.append) is None
+    assert find_weights(roberta, "finetuning", "/models/mine", test=False, say=messages.append) == "/models/mine"
     with pytest.raises(lowmem.ConfigError, match="--model-path") as failure:
-        resolve_weights(roberta, "finetuning", None, test=False, warn=messages.append)
+        find_weights(roberta, "finetuning", None, test=False, say=messages.append)
     assert "huggingface-cli download roberta-base" in str(failure.value)
     with pytest.raises(lowmem.ConfigError, match="--model-path"):
-        resolve_weights(llama, "finetuning", None, test=False, warn=messages.append)
+        find_weights(llama, "finetuning", None, test=False, say=messages.append)
     assert messages == []
-    assert resolve_weights(roberta, "finetuning", None, test=True, warn=messages.append) is None
+    assert find_weights(roberta, "finetuning", None, test=True, say=messages.append) is None
     assert messages and "--test falls back to random init" in messages[0] and "roberta" in messages[0]
 
 

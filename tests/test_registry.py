@@ -139,16 +139,16 @@ def test_entry_points_good_broken_and_filtered(monkeypatch):
         FakeEntryPoint("broken", ImportError("No module named 'missing_dep'"), "broken-dist", "0.3"),
     ])
     warnings: list[str] = []
-    registry = load_registry(None, warn=warnings.append)
+    registry = load_registry(None, say=warnings.append)
     assert registry.optimizers["lion"].origin == "good-dist 1.2"
     assert "baseline" in registry.optimizers  # built-ins still there
     broken = next(p for p in registry.plugins if p.name == "broken")
     assert broken.status.startswith("failed: import failed: ImportError")
     assert any("broken-dist 0.3" in w and "missing_dep" in w for w in warnings)
 
-    only_broken = load_registry("broken", warn=lambda m: None)
+    only_broken = load_registry("broken", say=lambda m: None)
     assert "lion" not in only_broken.optimizers
-    nothing = load_registry("", warn=lambda m: None)
+    nothing = load_registry("", say=lambda m: None)
     assert [p.origin for p in nothing.plugins if p.origin != "built-in"] == []
 
 

@@ -12,59 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import pretrain_args, read_metrics
+from support_runs import assert_runs_identical, interrupted_copy, pretrain_args, resume_args, run_lowmem
 
 TESTS = Path(__file__).resolve().parent
 
 
-def final_tensors(run: Path):
-    import safetensors.torch
-
-    from lowmem.checkpoint import complete_checkpoints, load_tensors
-
-    last = complete_checkpoints(run)[-1]
-    return safetensors.torch.load_file(str(last / "model.safetensors")), load_tensors(last / "optimizer.pt")
 
 
-def assert_same_tensors(a, b, where=""):
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_tensors(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
-def assert_runs_identical(reference: Path, resumed: Path) -> None:
-    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]  # noqa: E731
-    assert losses(resumed) == losses(reference)
-    (weights_a, optim_a), (weights_b, optim_b) = final_tensors(reference), final_tensors(resumed)
-    assert_same_tensors(weights_a, weights_b, "model")
-    assert_same_tensors(optim_a, optim_b, "optimizer")
 
 
-def interrupted_copy(reference: Path, target: Path, step: int) -> Path:
-    """What a run killed right after checkpoint ``step`` leaves behind: its files and that checkpoint."""
-    target.mkdir()
-    for name in ("config.json", "metrics.jsonl"):
-        shutil.copy(reference / name, target / name)
-    (target / "checkpoints").mkdir()
-    shutil.copytree(reference / "checkpoints" / f"step-{step}", target / "checkpoints" / f"step-{step}")
-    return target
 
 
-def resume_args(args: list[str], out: Path) -> list[str]:
-    args = list(args)
-    args[args.index("--output-dir") + 1] = str(out)
-    return [*args, "--resume", "latest"]
 
 
 CASES = {
@@ -127,7 +87,7 @@ def _galore_file(tmp_path: Path) -> Path:
 
 
 def _tiny_gpt2_weights(tmp_path: Path) -> Path:
-    from conftest import TINY_VOCAB, tiny_model_classes
+    from tiny_plugin import TINY_VOCAB, tiny_model_classes
 
     from lowmem.api import CAUSAL_LM, ModelRequest
 
@@ -146,25 +106,17 @@ def test_incompatible_resume_is_refused(cli, tmp_path):
 
 
 # -- real processes: kill -9 during a save, SIGTERM ---------------------------------------------
-def run_lowmem(args: list[str], env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
-    """lowmem's CLI in a fresh process, with the tiny test models registered as a plugin."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; from lowmem import cli; "
-            "cli.EXTRA_PLUGINS.append(conftest.TinyModels()); sys.argv = ['lowmem'] + sys.argv[1:]; "
-            "import torch; torch.set_num_threads(1); cli.main()")
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
 
 
 @pytest.mark.parametrize("stage", ["files", "manifest", "rename"])
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(cli, tmp_path, stage):
-    from lowmem.checkpoint import complete_checkpoints, verify
+    from lowmem.checkpoint_files import complete_checkpoints, verify
 
     args = pretrain_args(tmp_path, "galore8bit", out="reference", tokens=2600,
                          extra=["--save-every", "3", "--keep-checkpoints", "10"])
     assert cli(*args).exit_code == 0
     victim_args = resume_args(args, tmp_path / "victim")[:-2]  # the same run, in another folder
-    victim = run_lowmem(victim_args, {"LOWMEM_FAULT_KILL_AT": f"{stage}@6"})
+    victim = run_lowmem(victim_args, fault=f"kill:{stage}@6")
     output, _ = victim.communicate(timeout=300)
     assert victim.returncode == -signal.SIGKILL, output
     survivors = complete_checkpoints(tmp_path / "victim")
@@ -177,7 +129,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(cli, tmp_path, stag
 
 
 def test_sigterm_saves_and_exits_cleanly(cli, tmp_path):
-    from lowmem.checkpoint import complete_checkpoints, verify
+    from lowmem.checkpoint_files import complete_checkpoints, verify
 
     args = pretrain_args(tmp_path, "baseline", out="run", tokens=10**6)
     process = run_lowmem(args)

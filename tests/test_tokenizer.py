@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VOCAB, TinyModels
+from tiny_plugin import TINY_VOCAB
 
 import lowmem
 from lowmem import tokenizer as tokenizer_module
-from lowmem.registry import load_registry
 from lowmem.tokenizer import (
     bpe_cache_folder,
     ensure_special_tokens,
@@ -21,11 +20,6 @@ from lowmem.tokenizer import (
 )
 
 SAMPLE = "Return a new list containing all items from the iterable in ascending order."
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry("", extra=[TinyModels()])
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def fallback(registry, cache_dir, model="tiny-llama", messages=None, **options):
         model_plugin=registry.model(model),
         cache_dir=cache_dir,
         registry=registry,
-        warn=(messages.append if messages is not None else lambda message: None),
+        say=(messages.append if messages is not None else lambda message: None),
     )
 
 

@@ -7,39 +7,21 @@ import math
 from pathlib import Path
 
 import pytest
+from support_runs import assert_loss_falls, pretrain_args, read_metrics, small_configs, train_losses
 
 OPTIMIZERS = ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"]
 SUMMARY_KEYS = {"final_loss", "eval_loss", "steps", "tokens", "wall_seconds", "tokens_per_second", "param_bytes",
                 "grad_bytes", "optimizer_state_bytes", "trainable_params", "total_params", "peak_rss_bytes"}
 
 
-def small_configs(tmp_path: Path) -> list[str]:
-    """Settings that fit width-32 models: GaLore rank 4 (below LoRA's r 8), frequent refresh."""
-    galore = tmp_path / "galore.json"
-    galore.write_text(json.dumps({"rank": 4, "update_proj_gap": 5, "scale": 1.0}))
-    return ["--galore_config", str(galore)]
 
 
-def pretrain_args(tmp_path: Path, optimizer: str, out: str = "run", tokens: int = 3000, extra=()) -> list[str]:
-    return ["train", "--mode", "pretraining", "--optimizer", optimizer, "--model", "tiny-llama",
-            "--batch_size", "4", "--max_length", "32", "--num_training_tokens", str(tokens), "--lr", "3e-3",
-            "--dtype", "fp32", "--log-every", "1", "--eval-batches", "2", "--output-dir", str(tmp_path / out),
-            *small_configs(tmp_path), *extra]
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def train_losses(run: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(run) if "loss" in row]
 
 
-def assert_loss_falls(run: Path) -> None:
-    losses = train_losses(run)
-    assert all(math.isfinite(loss) for loss in losses)
-    head, tail = losses[: max(1, len(losses) // 4)], losses[-max(1, len(losses) // 4):]
-    assert sum(tail) / len(tail) < sum(head) / len(head), losses
 
 
 def reload_matches_checkpoint(run: Path, auto_class) -> None:
@@ -48,10 +30,10 @@ def reload_matches_checkpoint(run: Path, auto_class) -> None:
     import torch
 
     from lowmem.api import ModelRequest, OptimizerSettings
-    from lowmem.cli import registry
+    from lowmem.registry import get_registry
 
     config = json.loads((run / "config.json").read_text())
-    reg = registry()
+    reg = get_registry()
     plugin = reg.model(config["model"])
     optimizer = reg.optimizer(config["optimizer"])
     from transformers import AutoTokenizer
@@ -100,7 +82,7 @@ def test_pretraining_every_optimizer(cli, tmp_path, optimizer):
 @pytest.fixture(scope="module")
 def tiny_roberta_weights(tmp_path_factory):
     """A 'pretrained' tiny RoBERTa folder (random masked-LM weights) for finetuning to start from."""
-    from conftest import TINY_VOCAB, tiny_model_classes
+    from tiny_plugin import TINY_VOCAB, tiny_model_classes
 
     from lowmem.api import MASKED_LM, ModelRequest
 

@@ -106,6 +106,8 @@ def documents(cache_dir: Path | None) -> list[dict[str, Any]]:
 
 class StdlibDocs(lowmem.Dataset):
     name = "stdlib-docs"
+    default_for = ("pretraining",)
+    tokenizer_corpus = True  # the offline fallback BPE is trained on this text
     description = "Python's help topics and standard-library docstrings (~2 MB, offline)"
     kind = "text"
 

@@ -75,6 +75,7 @@ def examples(cache_dir: Path | None) -> list[dict[str, Any]]:
 
 class StdlibTopics(lowmem.Dataset):
     name = "stdlib-topics"
+    default_for = ("finetuning",)
     description = f"stdlib docstrings labelled by library area ({len(AREAS)} balanced classes, offline)"
     kind = lowmem.CLASSIFICATION
 

@@ -12,21 +12,32 @@ def register_optimizers(register):
     register(Baseline())
 
 
+# torch AdamW's default, kept explicit: every group of baseline and lora uses it.
+ADAMW_EPS = 1e-8
+
+
 def trainable_parameters(model: Any) -> list[Any]:
     # model.parameters() yields a tied weight (GPT-2's wte / lm_head) once.
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def build_adamw(model: Any, settings: lowmem.OptimizerSettings) -> Any:
+    """torch AdamW (eps 1e-8, its default, in every group) over the trainable parameters: one
+    group decayed by ``settings.weight_decay``, one (biases, norm weights) not, unless
+    ``settings.decay_norms_and_biases``."""
     import torch
 
-    params = trainable_parameters(model)
-    if not params:
+    from lowmem.plugins.optimizers.decay import decay_groups, trainable_named_parameters
+
+    named = trainable_named_parameters(model)
+    if not named:
         raise lowmem.ConfigError("the model has no trainable parameters")
+    groups = decay_groups(model, named, settings.weight_decay, settings.decay_norms_and_biases)
     # The fused kernel does the whole update in one pass per tensor: ~10x faster steps on CPU
     # than the default foreach path (bench/results.md), same state layout.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in named)
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, eps=ADAMW_EPS,
+                             fused=fused)
 
 
 def adamw_state_bytes(model: Any) -> int:
@@ -42,6 +53,7 @@ def adamw_state_bytes(model: Any) -> int:
 class Baseline(lowmem.Optimizer):
     name = "baseline"
     description = "AdamW over all parameters (full-rank reference)"
+    reference = True  # lowmem compare gives every ratio against this one
 
     def build(self, model, settings):
         return build_adamw(model, settings)

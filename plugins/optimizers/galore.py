@@ -1,6 +1,10 @@
 """``galore``: GaLoreAdamW (galore_torch) projecting the 2-D weights of the attention and MLP
 layers; every other parameter (embeddings, heads, norms, biases) gets plain AdamW in the
-same optimizer. ``per_layer: true`` steps each parameter from its gradient hook."""
+same optimizer. ``per_layer: true`` steps each parameter from its gradient hook.
+
+Weight decay: the projected weights are decayed, and so are the other parameters except biases
+and norm weights (unless ``decay_norms_and_biases``). Every group uses galore_torch's eps, 1e-6.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lowmem
+from lowmem.plugins.optimizers import plugin_config
 
 # The reference's defaults (jiaweizzhao/GaLore; Hugging Face Trainer uses the same).
 GALORE_DEFAULTS: dict[str, Any] = {
@@ -25,17 +30,23 @@ def register_optimizers(register):
     register(GaLore())
 
 
+def positive_int(config: Mapping[str, Any], key: str) -> None:
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise lowmem.ConfigError(f"'{key}' must be a positive integer, got {value!r}")
+
+
 def check_galore_config(config: Mapping[str, Any]) -> None:
-    if not isinstance(config["rank"], int) or config["rank"] <= 0:
-        raise lowmem.ConfigError(f"'rank' must be a positive integer, got {config['rank']!r}")
-    if not isinstance(config["update_proj_gap"], int) or config["update_proj_gap"] <= 0:
-        raise lowmem.ConfigError(f"'update_proj_gap' must be a positive integer, got {config['update_proj_gap']!r}")
+    positive_int(config, "rank")
+    positive_int(config, "update_proj_gap")
     if not config["scale"] > 0:
         raise lowmem.ConfigError(f"'scale' must be > 0, got {config['scale']!r}")
     if config["proj_type"] not in PROJ_TYPES:
-        raise lowmem.ConfigError(f"'proj_type' must be one of {', '.join(PROJ_TYPES)}, got {config['proj_type']!r}")
-    if "min_8bit_size" in config and (not isinstance(config["min_8bit_size"], int) or config["min_8bit_size"] < 1):
-        raise lowmem.ConfigError(f"'min_8bit_size' must be a positive integer, got {config['min_8bit_size']!r}")
+        raise lowmem.ConfigError(
+            f"'proj_type' must be one of {', '.join(PROJ_TYPES)}, got {config['proj_type']!r}"
+        )
+    if "min_8bit_size" in config:
+        positive_int(config, "min_8bit_size")
 
 
 class GaLore(lowmem.Optimizer):
@@ -44,31 +55,34 @@ class GaLore(lowmem.Optimizer):
     default_config = dict(GALORE_DEFAULTS)
     config_files: ClassVar[tuple[str, ...]] = ("galore",)
 
-    def full_config(self, settings: lowmem.OptimizerSettings) -> dict[str, Any]:
-        config = {**self.default_config, **settings.config}
-        self.check_config(config)
-        return config
-
     def check_config(self, config):
         check_galore_config(config)
 
-    def projected_weights(self, model, settings, config) -> list[tuple[str, Any]]:
+    def projected_weights(self, model, settings) -> list[tuple[str, Any]]:
         from lowmem.plugins.optimizers.targets import target_weights
 
         return target_weights(model, settings.target_modules)
 
-    def build(self, model, settings):
-        from lowmem.plugins.optimizers.galore_common import LowmemGaLoreAdamW, build_galore
-
-        config = self.full_config(settings)
+    def make_optimizer_factory(self, settings, config):
+        """(make_optimizer, on_inner_change) for build_galore."""
+        from lowmem.plugins.optimizers.galore_common import LowmemGaLoreAdamW
 
         def make_optimizer(groups):
             return LowmemGaLoreAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
-        return build_galore(model, settings, config, self.projected_weights(model, settings, config), make_optimizer)
+        return make_optimizer, None
+
+    def build(self, model, settings):
+        from lowmem.plugins.optimizers.galore_common import build_galore
+
+        config = plugin_config(self, settings)
+        make_optimizer, on_inner_change = self.make_optimizer_factory(settings, config)
+        projected = self.projected_weights(model, settings)
+        return build_galore(model, settings, config, projected, make_optimizer, on_inner_change)
 
     def state_bytes(self, model, settings):
         from lowmem.plugins.optimizers.galore_common import galore_state_bytes
 
-        config = self.full_config(settings)
-        return galore_state_bytes(model, self.projected_weights(model, settings, config), config)
+        config = plugin_config(self, settings)
+        projected = self.projected_weights(model, settings)
+        return galore_state_bytes(model, projected, config, min_8bit_size=config.get("min_8bit_size"))

@@ -2,7 +2,8 @@
 
 Uses lowmem's own GaLoreAdamW8bit (galore_adamw8bit.py), not galore_torch's, which crashes on
 CPU and misbinds bitsandbytes >= 0.45 arguments. Moments with fewer than ``min_8bit_size``
-elements stay fp32 (bitsandbytes' rule).
+elements stay fp32 (bitsandbytes' rule). Every group uses eps 1e-8 (bitsandbytes' and
+galore_torch's AdamW8bit default); weight decay as in ``galore``.
 """
 
 from __future__ import annotations
@@ -38,17 +39,6 @@ class GaLore8bit(GaLore):
     default_config = dict(GALORE8BIT_DEFAULTS)
     config_files: ClassVar[tuple[str, ...]] = ("galore",)
 
-    def build(self, model, settings):
-        from lowmem.plugins.optimizers.galore_common import build_galore
-
-        config = self.full_config(settings)
-        make_optimizer, on_inner_change = make_8bit_factory(settings, config)
-        projected = self.projected_weights(model, settings, config)
-        return build_galore(model, settings, config, projected, make_optimizer, on_inner_change)
-
-    def state_bytes(self, model, settings):
-        from lowmem.plugins.optimizers.galore_common import galore_state_bytes
-
-        config = self.full_config(settings)
-        projected = self.projected_weights(model, settings, config)
-        return galore_state_bytes(model, projected, config, min_8bit_size=config["min_8bit_size"])
+    def make_optimizer_factory(self, settings, config):
+        # state_bytes (GaLore's) counts 8-bit moments because the config has min_8bit_size.
+        return make_8bit_factory(settings, config)

@@ -24,7 +24,9 @@ from lowmem.plugins.optimizers.galore_common import ProjectorStateMixin, new_pro
 
 
 class GaLoreAdamW8bit(ProjectorStateMixin, Optimizer2State):
-    """AdamW with blockwise 8-bit moments; groups with a ``rank`` key are GaLore-projected."""
+    """AdamW with blockwise 8-bit moments; groups with a ``rank`` key are GaLore-projected.
+    eps (1e-8, bitsandbytes' and galore_torch's AdamW8bit default) is the same for every group:
+    projected updates and plain ones go through the same bitsandbytes kernel."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, min_8bit_size: int = 4096,
                  betas=(0.9, 0.999), eps: float = 1e-8):

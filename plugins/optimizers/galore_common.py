@@ -21,20 +21,42 @@ from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
 import lowmem  # noqa: E402
 
 GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+# galore_torch.GaLoreAdamW's default eps (transformers' old AdamW's); lowmem's galore keeps it, so
+# its updates stay identical to galore_torch's. The 8-bit optimizer uses 1e-8 (GaLoreAdamW8bit).
+GALORE_TORCH_EPS = 1e-6
 BNB_BLOCK = 256  # bitsandbytes' blockwise quantisation: one fp32 absmax per 256 elements
 BNB_QMAP_BYTES = 2 * 256 * 4  # the signed and unsigned 256-entry fp32 maps, shared by all params
 
 
 # -- grouping and checks ---------------------------------------------------------------------
-def check_rank(projected: list[tuple[str, Any]], rank: int) -> None:
-    """GaLore cannot project to more directions than the matrix has (the SVD has min(m, n))."""
+def largest_rank(rows: int, cols: int, proj_type: str) -> int:
+    """The largest rank galore_torch's projector handles for a rows x cols gradient.
+
+    Every proj_type takes up to min(rows, cols) (the SVD has that many directions), except
+    reverse_std on a wide matrix (rows < cols): it projects the long side, keeping a rows x rank
+    moment, and project_back tells the sides apart by that moment's shape (rows <= rank means
+    "left"), so at rank == rows it multiplies the wrong way and raises a shape error."""
+    if proj_type == "reverse_std" and rows < cols:
+        return rows - 1
+    return min(rows, cols)
+
+
+def check_rank(projected: list[tuple[str, Any]], rank: int, proj_type: str = "std") -> None:
+    """Refuse, before training, a rank the projector cannot handle for some projected weight."""
     for name, weight in projected:
-        if rank > min(weight.shape):
-            rows, cols = weight.shape
-            raise lowmem.ConfigError(
-                f"'rank' {rank} is larger than the smaller dimension of {name} ({rows}x{cols}); "
-                f"use a rank of at most {min(weight.shape)}"
-            )
+        rows, cols = weight.shape
+        largest = largest_rank(rows, cols, proj_type)
+        if rank <= largest:
+            continue
+        if rank > min(rows, cols):
+            reason = "it is larger than the smaller dimension"
+        else:
+            reason = "galore_torch's reverse_std projection fails at rank = rows of a wide matrix"
+        advice = f"use a rank of at most {largest}" if largest > 0 else "use proj_type std"
+        raise lowmem.ConfigError(
+            f"'rank' {rank} does not work for {name} ({rows}x{cols}) with proj_type {proj_type}: "
+            f"{reason}; {advice}"
+        )
 
 
 def check_per_layer(settings: lowmem.OptimizerSettings) -> None:
@@ -51,19 +73,25 @@ def check_per_layer(settings: lowmem.OptimizerSettings) -> None:
 
 
 def galore_groups(
-    model: Any, projected: list[tuple[str, Any]], config: Mapping[str, Any], weight_decay: float
+    model: Any,
+    projected: list[tuple[str, Any]],
+    config: Mapping[str, Any],
+    weight_decay: float,
+    decay_all: bool = False,
 ) -> list[dict[str, Any]]:
-    """A projected group for ``projected`` and a plain group for every other trainable parameter
+    """A projected group for ``projected``, then plain groups for every other trainable parameter
     (embeddings, heads, norms, biases): GaLore only pays off, and is only specified, for the 2-D
-    weights of attention and MLP layers."""
-    check_rank(projected, config["rank"])
+    weights of attention and MLP layers. The projected weights are decayed; the plain ones are
+    split by decay.split_decay (no decay for biases and norm weights unless ``decay_all``).
+    Groups carry no eps, lr or betas: the optimizer's defaults apply to all alike."""
+    from lowmem.plugins.optimizers.decay import decay_groups
+
+    check_rank(projected, config["rank"], config["proj_type"])
     projected_ids = {id(p) for _, p in projected}
-    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in projected_ids]
+    plain = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in projected_ids]
     groups = [{"params": [p for _, p in projected], "weight_decay": weight_decay}]
     groups[0].update({key: config[key] for key in GALORE_GROUP_KEYS})
-    if plain:
-        groups.append({"params": plain, "weight_decay": weight_decay})
-    return groups
+    return groups + decay_groups(model, plain, weight_decay, decay_all)
 
 
 def build_galore(
@@ -77,7 +105,7 @@ def build_galore(
     """One optimizer over the GaLore groups, or the per-layer wrapper when ``per_layer`` is set."""
     if config["per_layer"]:
         check_per_layer(settings)
-    groups = galore_groups(model, projected, config, settings.weight_decay)
+    groups = galore_groups(model, projected, config, settings.weight_decay, settings.decay_norms_and_biases)
     if not config["per_layer"]:
         return make_optimizer(groups)
     from lowmem.plugins.optimizers.per_layer import PerLayerOptimizer
@@ -103,7 +131,8 @@ class CompactProjector(GaLoreProjector):
 
 def new_projector(group: Mapping[str, Any]) -> CompactProjector:
     return CompactProjector(
-        group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type=group["proj_type"]
+        group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+        proj_type=group["proj_type"],
     )
 
 
@@ -150,10 +179,11 @@ class ProjectorStateMixin:
 
 
 class LowmemGaLoreAdamW(ProjectorStateMixin, GaLoreAdamW):
-    """galore_torch's GaLoreAdamW with compact projectors and a weights_only-loadable state."""
+    """galore_torch's GaLoreAdamW with compact projectors and a weights_only-loadable state.
+    eps is galore_torch's default, for the projected and the plain groups alike."""
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, eps: float = GALORE_TORCH_EPS):
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, no_deprecation_warning=True)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,5 +1,9 @@
 """``lora``: peft LoRA adapters on the attention/MLP layers, AdamW over what is trainable.
 
+Weight decay (baseline's build_adamw) applies to the LoRA factors and the head's weights, not to
+biases (the classifier's, under peft's ``modules_to_save``) or norm weights, unless
+``decay_norms_and_biases``.
+
 Objective -> peft task type: classification uses SEQ_CLS, which also trains the classifier head
 (peft's ``modules_to_save``); causal_lm uses CAUSAL_LM; masked_lm has no peft task type, so the
 adapters are added to the bare model and the MLM head stays frozen.
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lowmem
+from lowmem.plugins.optimizers import plugin_config
 from lowmem.plugins.optimizers.baseline import adamw_state_bytes, build_adamw
 
 LORA_DEFAULTS: dict[str, Any] = {
@@ -39,9 +44,13 @@ def check_lora_config(config: Mapping[str, Any]) -> None:
         raise lowmem.ConfigError(f"'lora_dropout' must be in [0, 1), got {config['lora_dropout']!r}")
     targets = config["target_modules"]
     if targets is not None and (
-        not isinstance(targets, list | tuple) or not targets or not all(isinstance(t, str) and t for t in targets)
+        not isinstance(targets, list | tuple)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
     ):
-        raise lowmem.ConfigError(f"'target_modules' must be a non-empty list of module names, got {targets!r}")
+        raise lowmem.ConfigError(
+            f"'target_modules' must be a non-empty list of module names, got {targets!r}"
+        )
 
 
 def add_lora_adapters(model: Any, config: Mapping[str, Any], settings: lowmem.OptimizerSettings) -> Any:
@@ -54,7 +63,9 @@ def add_lora_adapters(model: Any, config: Mapping[str, Any], settings: lowmem.Op
 
     names = list(config["target_modules"] or settings.target_modules)
     if not names:
-        raise lowmem.ConfigError("'target_modules': the model names no target modules; list them in the lora config")
+        raise lowmem.ConfigError(
+            "'target_modules': the model names no target modules; list them in the lora config"
+        )
     targets = target_modules(model, names)
     if not targets:
         raise lowmem.ConfigError(f"'target_modules': no layer of this model is named {', '.join(names)}")
@@ -99,7 +110,7 @@ class LoRA(lowmem.Optimizer):
         check_lora_config(config)
 
     def prepare_model(self, model, settings):
-        return add_lora_adapters(model, {**self.default_config, **settings.config}, settings)
+        return add_lora_adapters(model, plugin_config(self, settings), settings)
 
     def build(self, model, settings):
         return build_adamw(model, settings)

@@ -6,8 +6,10 @@ side, the LoRA ``r``; Adam's 8-bit moments are rank x in / out x rank instead of
 out x r. That saves memory only when rank < r, so rank >= r is refused (the seed ran rank 128
 on r = 8 factors: no compression, just SVD cost). Hence the default rank 4 for r = 8.
 Parameters outside the adapters that train (the classifier head for classification) get plain
-8-bit AdamW. A factor's projector is created at its first non-zero gradient (A's gradient is
-zero until B moves off its zero init). Saving writes the adapter and a merged model, like lora.
+8-bit AdamW. Weight decay applies to the factors and the head's weights, not to biases or norm
+weights (unless ``decay_norms_and_biases``); eps is 1e-8 everywhere, as in galore8bit. A factor's
+projector is created at its first non-zero gradient (A's gradient is zero until B moves off its
+zero init). Saving writes the adapter and a merged model, like lora.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import lowmem
+from lowmem.plugins.optimizers import plugin_config
 from lowmem.plugins.optimizers.galore import check_galore_config
 from lowmem.plugins.optimizers.galore8bit import GALORE8BIT_DEFAULTS, GaLore8bit
 from lowmem.plugins.optimizers.lora import (
@@ -59,9 +62,9 @@ class LoRAGaLore8bit(GaLore8bit):
             )
 
     def prepare_model(self, model, settings):
-        return add_lora_adapters(model, self.full_config(settings), settings)
+        return add_lora_adapters(model, plugin_config(self, settings), settings)
 
-    def projected_weights(self, model, settings, config):
+    def projected_weights(self, model, settings):
         return lora_factor_weights(model)
 
     def save_model(self, model, directory):

@@ -9,7 +9,9 @@ The wrapper is a real ``torch.optim.Optimizer`` so the training loop and LR sche
 like any other: ``step()`` does nothing (the hooks did the work), ``param_groups`` are the inner
 optimizers' own group dicts (a scheduler setting ``lr`` there drives every inner optimizer, once
 per optimizer step), ``zero_grad()`` drops gradients and restarts the accumulation window, and
-``state_dict()`` / ``load_state_dict()`` carry every inner state.
+``state_dict()`` / ``load_state_dict()`` carry every inner state. Each inner optimizer gets a copy
+of its parameter's group (weight_decay 0 for a bias or norm weight, GaLore keys for a projected
+weight) and the optimizer's defaults for the rest (eps alike for all).
 
 Imported only from inside plugin methods.
 """

@@ -45,13 +45,17 @@ def head_modules(model: Any, names: tuple[str, ...] | list[str]) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in wanted and name not in inside and getattr(module, "weight", None) is not None
+        if name.rsplit(".", 1)[-1] in wanted
+        and name not in inside
+        and getattr(module, "weight", None) is not None
     ]
 
 
 def target_weights(model: Any, names: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:
     """``(name, weight)`` of the trainable target weights GaLore projects; ConfigError if none."""
-    found = [(f"{name}.weight", m.weight) for name, m in target_modules(model, names) if m.weight.requires_grad]
+    found = [
+        (f"{name}.weight", m.weight) for name, m in target_modules(model, names) if m.weight.requires_grad
+    ]
     if not found:
         raise lowmem.ConfigError(
             f"no trainable 2-D weights found in modules named {', '.join(names) or '(none)'}; "

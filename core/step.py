@@ -1,0 +1,87 @@
+"""One optimizer step: forward and backward over an accumulation group, then the update.
+
+The step reads nothing back from the device per micro-batch. Its figures (loss, tokens, the
+non-finite flag, a stop request) travel in one tensor and one collective per step, and the
+host reads the few numbers that decide what happens next once per step. The loss itself stays
+on the device until the loop writes a log row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lowmem import memory
+from lowmem.data import count_tokens
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from lowmem.assemble import Run
+    from lowmem.distributed import DistContext
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss of the step over micro-batches and ranks, still on the device
+    tokens: int  # real input tokens of the step, all ranks together
+    grad_norm: torch.Tensor | None  # before clipping; None when the optimizer steps inside backward
+    lr: float  # the learning rate the update used
+    skipped: str | None  # "loss" or "gradient norm" when non-finite: no update was applied
+    stop: bool  # some rank was asked to stop (SIGINT/SIGTERM): every rank stops after this step
+
+
+def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_requested: bool) -> StepResult:
+    import torch
+
+    device, accum = run.device, len(group)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    nonfinite_before_backward = False
+    for i, batch in enumerate(group):
+        tokens += count_tokens(batch)  # counted on the host copy: no device read
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # DDP all-reduces gradients only on the group's last backward.
+        with dist.no_sync(run.train_model, sync=i == accum - 1):
+            with run.autocast():
+                loss = run.train_model(**batch).loss
+            # An optimizer that updates inside backward must never see a non-finite loss, so it
+            # is checked first: one host read per micro-batch, for such optimizers only.
+            if run.steps_in_backward and not dist.all_true(torch.isfinite(loss), device):
+                nonfinite_before_backward = True
+                break
+            run.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+
+    # The step's one collective: loss sum, tokens, non-finite loss, stop request.
+    flags = torch.tensor([tokens, nonfinite_before_backward, stop_requested], dtype=torch.float64, device=device)
+    flags[1] += (~torch.isfinite(loss_sum)).to(torch.float64)
+    stats = dist.sum_(torch.cat([loss_sum.reshape(1), flags]))
+    grad_norm = None
+    if not nonfinite_before_backward and not run.steps_in_backward:
+        if not run.grad_bytes:
+            run.grad_bytes = memory.gradient_bytes(run.model)
+        run.scaler.unscale_(run.optimizer)  # fp16: clip the true gradients
+        max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm)
+    # With fp16 the loss scaler owns inf/NaN gradients: it skips the step and lowers the scale.
+    norm_bad = grad_norm is not None and not run.scaler.is_enabled()
+    bad_norm = (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1) if norm_bad else stats[:1] * 0
+    # The step's one host read: what happens next depends on these.
+    step_tokens, bad_loss, stop, bad_grad = torch.cat([stats[1:], bad_norm]).tolist()
+    mean_loss = stats[0] / (accum * dist.world_size)
+    lr = run.scheduler.get_last_lr()[0]
+    skipped = "loss" if bad_loss else "gradient norm" if bad_grad else None
+    if skipped is not None:
+        run.optimizer.zero_grad(set_to_none=True)
+        return StepResult(mean_loss, int(step_tokens), grad_norm, lr, skipped, bool(stop))
+
+    scale_before = run.scaler.get_scale() if run.scaler.is_enabled() else 0.0
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    # A step the loss scaler skipped (fp16 overflow) does not advance the schedule.
+    if not (run.scaler.is_enabled() and run.scaler.get_scale() < scale_before):
+        run.scheduler.step()
+    return StepResult(mean_loss, int(step_tokens), grad_norm, lr, None, bool(stop))

@@ -1,0 +1,273 @@
+"""``lowmem.train``: a run from its config to its result, in three parts read top to bottom.
+
+prepare (resolve the config, build the run, resume) -> the step loop -> finish (final
+evaluation, checkpoint, exported model, summary). The loop reads nothing but the config: no
+environment, no CLI objects, no optimizer or model names; each step is ``lowmem.step.take_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lowmem import checkpoint, memory
+from lowmem.assemble import Run, assemble, parameter_groups
+from lowmem.checkpoint import TrainState
+from lowmem.config import TrainConfig
+from lowmem.distributed import DistContext
+from lowmem.errors import ConfigError, Interrupted, NonFiniteError
+from lowmem.evaluation import evaluate
+from lowmem.progress import Progress
+from lowmem.registry import Registry, get_registry
+from lowmem.resolve import resolve_config
+from lowmem.result import RunResult
+from lowmem.run_files import RunFiles, library_versions
+from lowmem.step import take_step
+
+Say = Callable[[str], None]
+
+
+def train(config: TrainConfig, registry: Registry | None = None, say: Say | None = None) -> RunResult:
+    """Train as ``config`` says and return the run's figures (also written to summary.json).
+
+    Raises ``ConfigError`` for input it cannot use (before any model is built where possible),
+    ``NonFiniteError``, ``PluginFault``, ``Interrupted`` (SIGINT/SIGTERM: a checkpoint was
+    saved); never exits the process. Under torchrun or accelerate it joins their process group.
+    ``say`` receives notes and warnings (default: stderr, rank 0 only).
+    """
+    registry = registry or get_registry()
+    dist = DistContext.from_launcher(dict(os.environ), want_cuda=config.device != "cpu")
+    say = say or (_stderr if dist.is_main else _silent)
+    try:
+        config = resolve_config(config, registry, say)
+        # The default run folder is named by the clock: take rank 0's.
+        config = dataclasses.replace(config, output_dir=dist.broadcast(config.output_dir))
+        with stop_on_signals() as stop_requested:
+            return run(config, registry, dist, stop_requested, say)
+    finally:
+        dist.close()
+
+
+def run(config: TrainConfig, registry: Registry, dist: DistContext, stop_requested: list[int],
+        say: Say) -> RunResult:
+    """Prepare, loop, finish. ``stop_requested`` gets a signal number appended when the run
+    should save and stop (see ``stop_on_signals``)."""
+    started = time.perf_counter()
+    run_dir = Path(config.output_dir)
+    resume_from = checkpoint.find(config, say)
+    if dist.is_main:
+        checkpoint.clean_folder(run_dir)
+    job = assemble(config, registry, dist, say)
+    state = TrainState()
+    with RunFiles(run_dir, is_main=dist.is_main, report_to=config.report_to) as files:
+        if resume_from is not None:
+            state = checkpoint.load(job, resume_from, dist, say)
+            files.truncate_metrics(after_step=state.step)
+            say(f"resumed from {resume_from} at step {state.step} ({state.tokens:,} tokens)")
+        started -= state.wall_seconds
+        files.write_config(config, run_facts(job, dist, registry))
+        last_loss = train_loop(job, state, files, dist, stop_requested, say, started)
+        return finish(job, state, files, dist, started, last_loss)
+
+
+def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, stop_requested: list[int],
+               say: Say, started: float) -> float | None:
+    """Optimizer steps until the budget is spent; returns the last step's loss."""
+    config = job.config
+    batches = Batches(job, state, dist.world_size)
+    pending: list[Any] = []  # step losses on the device since the last log row
+    logged_at = (state.train_seconds, state.tokens)
+    last_loss = None
+    with Progress(job.total_steps, enabled=dist.is_main) as progress:
+        job.train_model.train()
+        while not finished(job, state):
+            began = time.perf_counter()
+            group = batches.group(config.grad_accum, trim_to=tokens_left(job, state, dist.world_size))
+            if group is None:
+                continue  # an epoch ended mid-group; Batches moved on to the next one
+            result = take_step(job, group, dist, stop_requested=bool(stop_requested))
+            if result.skipped is not None:
+                state.nonfinite_skips += 1
+                where = f"non-finite {result.skipped} at step {state.step + 1}"
+                if config.on_nonfinite == "stop":
+                    raise NonFiniteError(f"{where}; stopped before the update (last checkpoint kept intact)")
+                if state.nonfinite_skips >= config.max_nonfinite_skips:
+                    raise NonFiniteError(f"{where}; {state.nonfinite_skips} consecutive updates skipped, stopping")
+                say(f"warning: {where}; update skipped")
+            else:
+                state.nonfinite_skips = batches.fruitless_epochs = 0
+                state.step += 1
+                state.tokens += result.tokens
+                pending.append(result.loss)
+            if pending and (state.step % config.log_every == 0 or state.step == 1 or finished(job, state)):
+                losses = [float(x) for x in _host(pending)]
+                last_loss, pending = losses[-1], []
+                seconds, tokens = state.train_seconds + time.perf_counter() - began, state.tokens
+                tps = (tokens - logged_at[1]) / max(seconds - logged_at[0], 1e-9)
+                files.log({"step": state.step, "tokens": tokens, "loss": last_loss, "lr": result.lr,
+                           "tokens_per_second": tps, "grad_norm": _float(result.grad_norm),
+                           "mean_loss": sum(losses) / len(losses)})
+                progress.update(state.step, tokens, last_loss, result.lr, tps, memory.now_bytes(job.device))
+                logged_at = (seconds, tokens)
+            state.train_seconds += time.perf_counter() - began
+            if result.stop:
+                state.wall_seconds = time.perf_counter() - started
+                checkpoint.save(job, state, dist)
+                signum = stop_requested[0] if stop_requested else signal.SIGTERM
+                raise Interrupted(f"stopped by signal at step {state.step}; checkpoint saved; continue with "
+                                  f"--resume latest --output-dir {config.output_dir}", signum)
+            if result.skipped is None and not finished(job, state):
+                if config.eval_every and state.step % config.eval_every == 0:
+                    files.log({"step": state.step, "tokens": state.tokens, **evaluate(job)})
+                if config.save_every and state.step % config.save_every == 0:
+                    state.wall_seconds = time.perf_counter() - started
+                    checkpoint.save(job, state, dist)
+    return last_loss
+
+
+def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, started: float,
+           last_loss: float | None) -> RunResult:
+    """Final evaluation, the last checkpoint, the exported model, and the result."""
+    config = job.config
+    if state.step == 0:
+        raise ConfigError("no training step was taken: the training data does not fill one step")
+    dist.check_replicas(job.model)
+    final_eval = evaluate(job)
+    files.log({"step": state.step, "tokens": state.tokens, **final_eval})
+    state.wall_seconds = time.perf_counter() - started
+    checkpoint.save(job, state, dist)
+    if dist.is_main:
+        checkpoint.export_model(job, Path(config.output_dir) / "model")
+    if last_loss is None:  # resumed at the very end: the last loss is in the log
+        last_loss = (files.logged_losses() or [float("nan")])[-1]
+    trainable, total_params = memory.parameter_counts(job.model)
+    peaks = memory.cuda_peaks(job.device)
+    result = RunResult(
+        model=config.model, optimizer=config.optimizer, mode=config.mode, output_dir=config.output_dir,
+        steps=state.step, tokens=state.tokens, final_loss=last_loss,
+        eval_loss=final_eval.get("eval_loss"), eval_perplexity=final_eval.get("eval_perplexity"),
+        eval_accuracy=final_eval.get("eval_accuracy"),
+        wall_seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
+        tokens_per_second=state.tokens / max(state.train_seconds, 1e-9),
+        step_seconds=state.train_seconds / state.step,
+        param_bytes=memory.parameter_bytes(job.model), grad_bytes=job.grad_bytes,
+        optimizer_state_bytes=memory.optimizer_state_bytes(job.optimizer),
+        trainable_params=trainable, total_params=total_params, peak_rss_bytes=memory.peak_rss_bytes(),
+        peak_allocated_bytes=peaks.get("peak_allocated_bytes"), peak_reserved_bytes=peaks.get("peak_reserved_bytes"),
+        peak_memory_bytes=peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()), world_size=dist.world_size,
+    )
+    files.write_summary(result.to_json())
+    return result
+
+
+# -- the loop's helpers ----------------------------------------------------------------------
+class Batches:
+    """This rank's micro-batches across epochs, keeping ``state.epoch`` and
+    ``state.batch_in_epoch`` (global batches) current for resume."""
+
+    def __init__(self, job: Run, state: TrainState, world_size: int):
+        from lowmem.data import train_batches
+
+        self.job, self.state, self.world_size = job, state, world_size
+        self.make = train_batches
+        self.batches: Iterator[Any] = iter(train_batches(job.data, state.epoch, skip=state.batch_in_epoch))
+        self.fruitless_epochs = 0  # epochs ended since the last step: guards against endless loops
+
+    def next_epoch(self) -> None:
+        self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        self.batches = iter(self.make(self.job.data, self.state.epoch))
+
+    def group(self, size: int, trim_to: int | None) -> list[dict[str, Any]] | None:
+        """``size`` micro-batches (every step has exactly as many: per-layer optimizers count
+        them), or None when the epoch ended first (the partial group is dropped). Pretraining
+        cycles over the corpus; ``trim_to`` keeps only that many rows of each (the last step)."""
+        group = []
+        while len(group) < size:
+            with self.job.registry.guard(self.job.data.dataset, "records"):
+                batch = next(self.batches, None)
+                if batch is None and self.job.config.mode == "pretraining":  # cycle until the budget
+                    self.next_epoch()
+                    batch = next(self.batches, None)
+            if batch is None:
+                self.fruitless_epochs += 1
+                if self.fruitless_epochs > 1:  # a whole epoch cannot fill one step
+                    raise ConfigError(
+                        f"the training data is too small: one epoch does not fill a step of {size} batch(es) "
+                        f"of {self.job.config.batch_size} on each of {self.world_size} process(es)")
+                self.next_epoch()
+                return None
+            self.state.batch_in_epoch += self.world_size
+            group.append(batch)
+        if trim_to is not None:
+            group = [{k: v[:trim_to] for k, v in batch.items()} for batch in group]
+        return group
+
+
+def finished(job: Run, state: TrainState) -> bool:
+    if state.step >= job.total_steps:
+        return True
+    if job.config.mode == "pretraining":
+        return state.tokens >= job.config.num_training_tokens
+    return state.epoch >= job.config.num_epochs
+
+
+def tokens_left(job: Run, state: TrainState, world_size: int) -> int | None:
+    """Pretraining's last step takes only the rows the token budget still needs (±1 block)."""
+    if job.config.mode != "pretraining":
+        return None
+    remaining = job.config.num_training_tokens - state.tokens
+    return -(-remaining // (job.config.max_length * job.config.grad_accum * world_size))
+
+
+def run_facts(job: Run, dist: DistContext, registry: Registry) -> dict[str, Any]:
+    """What config.json adds to the config: what was really built and where."""
+    return {
+        "device": str(job.device), "resolved_dtype": job.dtype, "world_size": dist.world_size,
+        "objective": job.objective, "total_steps": job.total_steps, "warmup_steps": job.warmup_steps,
+        "label_names": job.label_names, "optimizer_class": type(job.optimizer).__qualname__,
+        "param_groups": parameter_groups(job.model, job.optimizer),
+        "versions": library_versions(), "plugins": {p.name: p.origin for p in registry.plugins},
+    }
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM ask for a clean stop (finish the step, save, stop) instead of killing
+    the process; the previous handlers come back afterwards, whatever happened."""
+    requested: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: requested.append(signum))
+        except ValueError:  # not the main thread (embedded use): no signal handling
+            pass
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _host(tensors: list[Any]) -> list[float]:
+    import torch
+
+    return torch.stack(tensors).tolist()
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _silent(message: str) -> None:
+    pass

@@ -5,11 +5,15 @@ from its metrics.jsonl (log_every=1: tokens/s between consecutive steps, so data
 clipping and logging are all inside the measurement).
 kind "trainer": Hugging Face Trainer on the same model, tokenizer and batches (lowmem's packed
 stdlib-docs blocks, tokenized once by lowmem's pipeline), timed from one step end to the next.
+kind "plain": a plain torch loop (forward, backward, clip, fused AdamW, LambdaLR) on the same
+model and batches, timed from one step end to the next (section 7).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import resource
 import sys
 import tempfile
@@ -34,10 +38,17 @@ def small_llama_plugin():
         vocab_size = 8000
         hf_config = llama_shape(512, 1376, 2, 8)
 
+    class TinyLlama(Llama):
+        name = "llama_tiny"
+        description = "width 256, MLP 688, 4 heads, 2 layers, vocab 8000 (step-overhead benchmark)"
+        vocab_size = 8000
+        hf_config = llama_shape(256, 688, 2, 4)
+
     class Plugin:
         @lowmem.hookimpl
         def register_models(self, register):
             register(SmallLlama())
+            register(TinyLlama())
 
     return Plugin()
 
@@ -64,7 +75,7 @@ def lowmem_run(spec: dict) -> dict:
             lr=4e-4, warmup_steps=0,
             max_grad_norm=0.0 if spec.get("config", {}).get("per_layer") else 1.0, shuffle=False,
             optimizer_config=spec.get("config", {}), output_dir=out, cache_dir=str(CACHE_DIR),
-            log_every=1, eval_batches=1, seed=42,
+            log_every=spec.get("log_every", 1), eval_batches=1, seed=42,
         )
         started = time.perf_counter()
         result = lowmem.train(config, registry(), say=lambda message: None)
@@ -78,8 +89,23 @@ def lowmem_run(spec: dict) -> dict:
         "step_seconds": tokens_per_step / tps[len(tps) // 2] if tps else float("nan"),
         "losses": [r["loss"] for r in rows if "loss" in r], "peak_rss_bytes": peak_rss(),
         "optimizer_state_bytes": result.optimizer_state_bytes, "wall_seconds": total,
-        "peak_allocated_bytes": result.peak_allocated_bytes,
+        "peak_allocated_bytes": result.peak_allocated_bytes, **row_windows(rows, warm),
+        "result_step_seconds": result.step_seconds, "result_train_seconds": result.train_seconds,
     }
+
+
+def row_windows(rows: list[dict], warm: int) -> dict:
+    """Seconds per step of each metrics row after step ``warm`` (a row's tokens/s covers the
+    steps since the previous row), and their total over total steps (the window's mean)."""
+    rows = [r for r in rows if "tokens_per_second" in r]
+    per_step, seconds, steps = [], 0.0, 0
+    for before, row in zip(rows, rows[1:], strict=False):
+        if before["step"] < warm:
+            continue
+        span = (row["tokens"] - before["tokens"]) / row["tokens_per_second"]
+        per_step.append(span / (row["step"] - before["step"]))
+        seconds, steps = seconds + span, steps + row["step"] - before["step"]
+    return {"step_times": per_step, "window_step_seconds": seconds / steps if steps else float("nan")}
 
 
 class StepClock:
@@ -105,16 +131,15 @@ class StepClock:
         return Clock()
 
 
-def trainer_run(spec: dict) -> dict:
-    import torch
-    from transformers import Trainer, TrainingArguments
-
+def model_and_batches(spec: dict, count: int):
+    """The model plugin's tokenizer, ``count`` batches from lowmem's own data pipeline (packed
+    stdlib-docs blocks, unshuffled, as lowmem_run sees them), then the model, built after the
+    same seed as lowmem builds it: the same initial weights."""
     from lowmem.api import ModelRequest
     from lowmem.assemble import seed_everything
     from lowmem.data import DataSpec, train_batches
     from lowmem.tokenizer import load_tokenizer
 
-    warm, steps = spec["warmup"], spec["steps"]
     plugins = registry()
     plugin = plugins.model(spec["model"])
     tokenizer = load_tokenizer(tokenizer=None, model_path=None, model_plugin=plugin, cache_dir=CACHE_DIR,
@@ -122,14 +147,22 @@ def trainer_run(spec: dict) -> dict:
     data = DataSpec(dataset=plugins.dataset("stdlib-docs"), source=None, objective="causal_lm",
                     tokenizer=tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"],
                     seed=42, shuffle=False, cache_dir=CACHE_DIR)
-    rows = []
-    for batch in train_batches(data, 0):
-        rows += [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
-        if len(rows) >= spec["batch_size"] * (warm + steps):
-            break
+    started = time.perf_counter()
+    batches = list(itertools.islice(train_batches(data, 0), count))
+    data_seconds = (time.perf_counter() - started) / max(1, len(batches))
     seed_everything(42)
     model = plugin.build(ModelRequest(objective="causal_lm", vocab_size=len(tokenizer), num_labels=0, weights=None,
                                       pad_token_id=tokenizer.pad_token_id))
+    return model, batches, data_seconds
+
+
+def trainer_run(spec: dict) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    warm, steps = spec["warmup"], spec["steps"]
+    model, batches, _ = model_and_batches(spec, warm + steps)
+    rows = [{k: v[i] for k, v in batch.items()} for batch in batches for i in range(batch["input_ids"].shape[0])]
     extra = {}
     if spec["optim"] != "adamw_torch":
         config = spec.get("config", {})
@@ -157,13 +190,49 @@ def trainer_run(spec: dict) -> dict:
     }
 
 
+def plain_run(spec: dict) -> dict:
+    """A plain torch loop doing what lowmem's baseline step does: fp32 forward and backward,
+    clip_grad_norm_ to 1.0, fused AdamW (lr 4e-4, decay 0.01 except biases and norm weights,
+    eps 1e-8), a warm-up-free cosine LambdaLR down to 0.1, zero_grad(set_to_none), loss to host."""
+    import torch
+
+    warm, steps = spec["warmup"], spec["steps"]
+    model, batches, data_seconds = model_and_batches(spec, warm + steps)
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n]
+    decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=4e-4, eps=1e-8, fused=True)
+    total = len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+    parameters = [p for _, p in named]
+    model.train()
+    ends, losses = [time.perf_counter()], []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        ends.append(time.perf_counter())
+    times = [b - a for a, b in zip(ends[warm:], ends[warm + 1:], strict=False)]
+    window = sum(times) / len(times) if times else float("nan")
+    return {"step_times": times, "window_step_seconds": window, "losses": losses, "peak_rss_bytes": peak_rss(),
+            "tokens_per_second": spec["batch_size"] * spec["max_length"] / window, "data_seconds": data_seconds,
+            "decayed_tensors": len(decay), "undecayed_tensors": len(no_decay), "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in parameters)}
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("threads"):
         import torch
 
         torch.set_num_threads(spec["threads"])
-    result = lowmem_run(spec) if spec["kind"] == "lowmem" else trainer_run(spec)
+    result = {"lowmem": lowmem_run, "trainer": trainer_run, "plain": plain_run}[spec["kind"]](spec)
     print(json.dumps(result), flush=True)
 
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lowmem.errors import ConfigError
-
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 

@@ -181,10 +181,11 @@ def parameter_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     names = {id(p): n for n, p in model.named_parameters()}
     summary: dict[tuple[Any, ...], dict[str, Any]] = {}
     for group in optimizer.param_groups:
-        settings = {k: v for k, v in group.items() if k != "params" and isinstance(v, int | float | str | bool)}
-        key = tuple(sorted((k, v) for k, v in settings.items() if k not in ("lr", "initial_lr")))
-        row = summary.setdefault(key, {**{k: v for k, v in settings.items() if k not in ("lr", "initial_lr")},
-                                       "tensors": 0, "elements": 0, "examples": []})
+        # The scheduler moves lr: the rest says how the group is treated.
+        settings = {k: v for k, v in group.items()
+                    if k not in ("params", "lr", "initial_lr") and isinstance(v, int | float | str | bool)}
+        row = summary.setdefault(tuple(sorted(settings.items())),
+                                 {**settings, "tensors": 0, "elements": 0, "examples": []})
         for p in group["params"]:
             row["tensors"] += 1
             row["elements"] += p.numel()

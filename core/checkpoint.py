@@ -101,7 +101,8 @@ def save(run, state: TrainState, dist) -> Path | None:
     return path
 
 
-def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int, say) -> None:
+def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int,
+                     say) -> None:
     current = config.to_json()
     changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
     if saved_world != world_size:

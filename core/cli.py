@@ -5,8 +5,6 @@ Options are checked in callbacks (``typer.BadParameter`` -> exit 2); ``train`` b
 inside the commands that train or build models.
 """
 
-from __future__ import annotations
-
 import inspect
 import json
 import os
@@ -15,18 +13,30 @@ from typing import Annotated, Any
 
 import typer
 
-from lowmem.cli_options import Opt, config_from_options, exit_on_error, positive_int, with_parameters
+from lowmem.cli_options import (
+    LowmemCommand,
+    LowmemGroup,
+    Opt,
+    config_from_options,
+    exit_on_error,
+    positive_int,
+    with_parameters,
+)
 from lowmem.cli_reports import reports_app
 from lowmem.registry import BUILT_IN, get_registry
 
+# Plain (click-style) help: typer's rich help renderer costs ~95 ms of imports on every --help.
 app = typer.Typer(
     name="lowmem",
+    cls=LowmemGroup,
+    rich_markup_mode=None,
     help="Memory-efficient training of language models: AdamW, LoRA, GaLore, 8-bit GaLore and plugins.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Optimizer configuration files.", no_args_is_help=True)
+config_app = typer.Typer(help="Optimizer configuration files.", no_args_is_help=True, cls=LowmemGroup,
+                         rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 app.add_typer(reports_app)  # estimate, compare, plot: top-level commands
 
@@ -36,7 +46,7 @@ NPROC = inspect.Parameter(
                                   help="Start N data-parallel processes through torchrun")])
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @with_parameters(NPROC)
 def train(**options: Any) -> None:
     """Train MODEL with OPTIMIZER and write a self-contained run folder."""
@@ -61,57 +71,63 @@ def train(**options: Any) -> None:
 
 # -- listings ----------------------------------------------------------------------------------
 def _print_table(title: str, attr: str) -> None:
+    rows = []
+    for name, entry in sorted(getattr(get_registry(), attr).items()):
+        origin = entry.origin if entry.origin != BUILT_IN else "built-in"
+        if entry.conflicts:
+            origin += " (conflicts with " + ", ".join(entry.conflicts) + ")"
+        rows.append((name, entry.obj.description, origin))
+    print_rows(title, ("name", "description", "from"), rows)
+
+
+def print_rows(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table on a terminal; plain aligned columns in pipes and files (and no rich import,
+    which keeps the listings' start-up short)."""
+    if not sys.stdout.isatty():
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        print(title)
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        return
+    from rich.markup import escape
     from rich.table import Table
 
     from lowmem.progress import results_console
 
     table = Table(title=title)
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    table.add_column("from")
-    for name, entry in sorted(getattr(get_registry(), attr).items()):
-        origin = entry.origin if entry.origin != BUILT_IN else "built-in"
-        if entry.conflicts:
-            origin += " [red](conflicts with " + ", ".join(entry.conflicts) + ")[/red]"
-        table.add_row(name, entry.obj.description, origin)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*map(escape, row))
     results_console().print(table)
 
 
-@app.command("list-optimizers")
+@app.command("list-optimizers", cls=LowmemCommand)
 def list_optimizers() -> None:
     """The registered optimizers."""
     _print_table("optimizers", "optimizers")
 
 
-@app.command("list-models")
+@app.command("list-models", cls=LowmemCommand)
 def list_models() -> None:
     """The registered models."""
     _print_table("models", "models")
 
 
-@app.command("list-datasets")
+@app.command("list-datasets", cls=LowmemCommand)
 def list_datasets() -> None:
     """The registered datasets."""
     _print_table("datasets", "datasets")
 
 
-@app.command("plugins")
+@app.command("plugins", cls=LowmemCommand)
 def plugins() -> None:
     """Every loaded plugin: where it comes from, its hooks, and whether it loaded."""
-    from rich.table import Table
-
-    from lowmem.progress import results_console
-
-    table = Table(title="plugins")
-    for column in ("name", "from", "hooks", "status"):
-        table.add_column(column)
-    for info in get_registry().plugins:
-        status = info.status if info.status == "ok" else f"[red]{info.status}[/red]"
-        table.add_row(info.name, info.origin, ", ".join(info.hooks), status)
-    results_console().print(table)
+    rows = [(info.name, info.origin, ", ".join(info.hooks), info.status) for info in get_registry().plugins]
+    print_rows("plugins", ("name", "from", "hooks", "status"), rows)
 
 
-@config_app.command("show")
+@config_app.command("show", cls=LowmemCommand)
 def config_show(name: Annotated[str, typer.Argument(help="An optimizer name")]) -> None:
     """Print an optimizer's default settings as a starting JSON file."""
     with exit_on_error():

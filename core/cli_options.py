@@ -15,11 +15,32 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 
 from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, TrainConfig, default_of
 from lowmem.errors import LowmemError, PluginFault, exit_code_of
 
 Opt = typer.Option
+
+
+class _HelpFlagDefaultsFalse:
+    """Typer checks every option value through a pydantic adapter, except bool flags whose value
+    already is a bool. Its --help flag defaults to None, so every command (even
+    ``list-optimizers``) would import pydantic (~80 ms); a False default skips that."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+
+class LowmemGroup(_HelpFlagDefaultsFalse, typer.core.TyperGroup):
+    """The app's and sub-apps' command group (``typer.Typer(cls=LowmemGroup)``)."""
+
+
+class LowmemCommand(_HelpFlagDefaultsFalse, typer.core.TyperCommand):
+    """Every command's class (``@app.command(cls=LowmemCommand)``)."""
 
 
 @contextmanager
@@ -64,7 +85,8 @@ def parse_bool(text: str) -> bool:
 def parse_bytes(text: str) -> int:
     """'24GB', '24GiB', '80G', '512MiB', '1e9' -> bytes (GB and GiB both mean 2**30)."""
     cleaned = str(text).strip().lower().replace(" ", "")
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?", cleaned)
+    number, units = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)", r"(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?"
+    match = re.fullmatch(number + units, cleaned)
     if not match:
         raise ValueError(f"{text!r} is not a size (examples: 24GB, 80GiB, 512MB)")
     scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(match.group(2) or "b")[0]]
@@ -167,7 +189,8 @@ TRAIN_OPTIONS = (
     TrainOption("mode", ("--mode",), str, "pretraining or finetuning", choice(MODES)),
     TrainOption("optimizer", ("--optimizer",), str, "A registered optimizer (lowmem list-optimizers)"),
     TrainOption("model", ("--model",), str, "A registered model (lowmem list-models)"),
-    TrainOption("batch_size", ("--batch_size", "--batch-size"), int, "Sequences per micro-batch", positive_int),
+    TrainOption("batch_size", ("--batch_size", "--batch-size"), int, "Sequences per micro-batch",
+                positive_int),
     TrainOption("num_epochs", ("--num_epochs", "--num-epochs"), int, "Finetuning epochs", positive_int),
     TrainOption("max_length", ("--max_length", "--max-length"), int, "Tokens per sequence", positive_int),
     TrainOption("num_training_tokens", ("--num_training_tokens", "--num-training-tokens"), str,
@@ -184,7 +207,8 @@ TRAIN_OPTIONS = (
     TrainOption("decay_norms_and_biases", ("--decay-norms-and-biases",), bool,
                 "Also decay biases and normalisation weights (default: not, as in HF Trainer)"),
     TrainOption("tmax", ("--tmax",), int | None,
-                "Cosine period in optimizer steps after warm-up (default: the rest of the run)", positive_int),
+                "Cosine period in optimizer steps after warm-up (default: the rest of the run)",
+                positive_int),
     TrainOption("warmup_steps", ("--warmup_steps", "--warmup-steps"), int | None,
                 "Linear warm-up steps (default: 10% of the run)", non_negative_int),
     TrainOption("min_lr_ratio", ("--min-lr-ratio",), float, "Final LR as a fraction of --lr", ratio),
@@ -225,7 +249,8 @@ TRAIN_OPTIONS = (
     TrainOption("trust_remote_code", ("--trust-remote-code",), bool,
                 "Allow model folders that ship their own code"),
     TrainOption("device", ("--device",), str, "auto, cpu or cuda", choice(DEVICES)),
-    TrainOption("report_to", ("--report-to",), str, "Comma-separated: tensorboard, wandb", report_targets, ""),
+    TrainOption("report_to", ("--report-to",), str, "Comma-separated: tensorboard, wandb", report_targets,
+                ""),
 )
 REQUIRED = ("mode", "optimizer", "model")
 

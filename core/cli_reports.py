@@ -2,8 +2,6 @@
 fit, and what does it cost?", and the end-of-run table. Registered on the main app by
 ``lowmem.cli``."""
 
-from __future__ import annotations
-
 import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
@@ -11,11 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from lowmem.cli_options import (
+    LowmemCommand,
     Opt,
     choice,
     config_from_options,
-    exit_on_error,
     existing_file,
+    exit_on_error,
     positive_int,
     size,
     with_parameters,
@@ -26,13 +25,14 @@ from lowmem.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from lowmem.result import RunResult
 
-reports_app = typer.Typer()
+reports_app = typer.Typer(rich_markup_mode=None)
 
 
-@reports_app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@reports_app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 def estimate(
     model: Annotated[str, Opt("--model", help="A registered model (lowmem list-models)")],
-    optimizer: Annotated[str | None, Opt("--optimizer", help="One optimizer (default: all, side by side)")] = None,
+    optimizer: Annotated[str | None, Opt("--optimizer",
+                                         help="One optimizer (default: all, side by side)")] = None,
     all_optimizers: Annotated[bool, Opt("--all", help="Every registered optimizer side by side")] = False,
     mode: Annotated[str, Opt("--mode", callback=choice(MODES))] = "pretraining",
     batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=positive_int)] = 1,
@@ -43,8 +43,9 @@ def estimate(
     grad_accum: Annotated[int, Opt("--grad-accum", "--grad_accum", callback=positive_int)] = 1,
     device_memory: Annotated[str | None, Opt("--device-memory", "--device_memory", callback=size,
                                              help="Say whether it fits: 24GB, 80GiB")] = None,
-    optimizer_config: Annotated[Path | None, Opt("--optimizer-config", "--optimizer_config", callback=existing_file,
-                                                 help="JSON settings overriding the optimizer's defaults")] = None,
+    optimizer_config: Annotated[Path | None, Opt(
+        "--optimizer-config", "--optimizer_config", callback=existing_file,
+        help="JSON settings overriding the optimizer's defaults")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table")] = False,
 ) -> None:
     """Estimate the memory training MODEL takes with each optimizer, without training (meta device)."""
@@ -72,7 +73,7 @@ COMPARE_OPTIONS = (
 )
 
 
-@reports_app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@reports_app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @with_parameters(*COMPARE_OPTIONS, leave_out=("optimizer", "output_dir", "resume"))
 def compare(**options: Any) -> None:
     """Train with several optimizers under the same settings and compare them.
@@ -105,7 +106,7 @@ def compare(**options: Any) -> None:
             raise typer.Exit(1)
 
 
-@reports_app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@reports_app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl)")],
     output: Annotated[Path, Opt("--output", "-o", help="PNG file to write")] = Path("loss.png"),
@@ -121,7 +122,7 @@ def plot(
         typer.echo(f"wrote {output} ({drawn} curve{'s' if drawn != 1 else ''})")
 
 
-def print_result(result: RunResult) -> None:
+def print_result(result: "RunResult") -> None:
     """The end-of-run table, on stdout: results are output, progress is not."""
     from rich.table import Table
 

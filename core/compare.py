@@ -158,7 +158,8 @@ def footnote(reference_name: str | None) -> str:
             "themselves), reset before each run where Linux allows.")
 
 
-def write_reports(parent: Path, runs: list[CompareRun], base: TrainConfig, reference_name: str | None) -> None:
+def write_reports(parent: Path, runs: list[CompareRun], base: TrainConfig,
+                  reference_name: str | None) -> None:
     """compare.json (everything, machine-readable) and compare.md (the table)."""
     parent.mkdir(parents=True, exist_ok=True)
     reference = next((r for r in runs if r.optimizer == reference_name), None)

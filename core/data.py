@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowmem.api import CAUSAL_LM, CLASSIFICATION, MASKED_LM, ConfigError, DataRequest, Dataset
+from lowmem.api import CAUSAL_LM, CLASSIFICATION, MASKED_LM, DataRequest, Dataset
+from lowmem.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch

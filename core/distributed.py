@@ -43,11 +43,13 @@ class DistContext:
         """Join the process group a launcher set up; refuse a launch that silently became one
         process when several were asked for (accelerate's --cpu without MPI does that)."""
         world = int(environ.get("WORLD_SIZE", "1"))
-        asked = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", "0") or 0) or _accelerate_single_process_ask(environ)
+        expected = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", "0") or 0)
+        asked = expected or _accelerate_single_process_ask(environ)
         if asked > 1 and world != asked:
             raise ConfigError(
                 f"{asked} processes were asked for but this one sees "
-                f"WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}: the launcher started single-process jobs (accelerate launch --cpu runs several only through MPI); use "
+                f"WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}: the launcher started single-process "
+                "jobs (accelerate launch --cpu runs several only through MPI); use "
                 f"`lowmem train --nproc {asked}`, `torchrun --nproc-per-node {asked} -m lowmem train` or "
                 f"`accelerate launch --multi_gpu --num_processes {asked} -m lowmem train` (gloo on CPU)"
             )
@@ -229,7 +231,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             next(rest, None)  # drop its value too
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "lowmem", *args])
+    launch = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "lowmem", *args])
     # The workers inherit this process's environment; the count lets them refuse a mismatch.
     os.environ["LOWMEM_EXPECTED_WORLD_SIZE"] = str(nproc)
     # The agent logs every worker exit and the SIGTERMs it sends to the others; the workers

@@ -28,7 +28,7 @@ from typing import Any
 
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
-from lowmem.precision import DTYPE_BYTES, PURE_BF16, cast_weights, uses_autocast, weight_bytes_per_element
+from lowmem.precision import DTYPE_BYTES, cast_weights, uses_autocast, weight_bytes_per_element
 
 GENERIC_GUESS = "generic AdamW-like guess"
 FRAMEWORK_OVERHEAD = 0.10
@@ -45,10 +45,10 @@ ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float]] = {
 }
 FALLBACK_FAMILY = "gpt2"  # the largest coefficients: unknown architectures are not underestimated
 ACTIVATION_FORMULA = (
-    "activations per layer and token (16-bit autocast): LLaMA 34h + 8i + 4a + 8 bytes; GPT-2 70h + 12as + 16; "
-    "RoBERTa 34h + 4i + 12as + 16 (h hidden, i intermediate, a heads, s length; counted from the tensors "
-    "autograd saves); x2 without autocast (fp32); plus the loss: fp32 logits, their log-softmax and gradient, "
-    "12 bytes per token and vocabulary entry"
+    "activations per layer and token (16-bit autocast): LLaMA 34h + 8i + 4a + 8 bytes; "
+    "GPT-2 70h + 12as + 16; RoBERTa 34h + 4i + 12as + 16 (h hidden, i intermediate, a heads, "
+    "s length; counted from the tensors autograd saves); x2 without autocast (fp32); plus the "
+    "loss: fp32 logits, their log-softmax and gradient, 12 bytes per token and vocabulary entry"
 )
 
 
@@ -238,7 +238,8 @@ def activation_bytes(config: Any, batch_size: int, max_length: int, dtype: str, 
     hidden = _config_value(config, "hidden_size", "n_embd")
     layers = _config_value(config, "num_hidden_layers", "n_layer")
     heads = _config_value(config, "num_attention_heads", "n_head")
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                    or 4 * hidden)
     per_token_layer = c_h * hidden + c_i * intermediate + c_a * heads * max_length + constant
     if family == "llama":
         per_token_layer += 4 * heads

@@ -20,7 +20,8 @@ def footnotes(results: dict[str, Breakdown | str]) -> list[str]:
     return lines
 
 
-def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | None, as_json: bool = False) -> None:
+def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | None,
+                    as_json: bool = False) -> None:
     """A table with one column per optimizer (an optimizer that cannot apply shows n/a and why),
     or JSON."""
     import json
@@ -49,19 +50,21 @@ def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | Non
         table.add_column(name, justify="right")
     labels = [label for label, _ in (first.rows() if first else [])]
     for index, label in enumerate(labels):
-        cells = [format_bytes(r.rows()[index][1]) if isinstance(r, Breakdown) else "n/a" for r in results.values()]
+        cells = [format_bytes(r.rows()[index][1]) if isinstance(r, Breakdown) else "n/a"
+                 for r in results.values()]
         style = "bold" if label == "total" else None
         table.add_row(label, *cells, style=style)
-    table.add_row("parameters", *[f"{r.total_params:,}" if isinstance(r, Breakdown) else "" for r in results.values()])
-    table.add_row("trainable", *[f"{r.trainable_params:,}" if isinstance(r, Breakdown) else "" for r in results.values()])
+    breakdowns = [r if isinstance(r, Breakdown) else None for r in results.values()]
+    table.add_row("parameters", *[f"{r.total_params:,}" if r else "" for r in breakdowns])
+    table.add_row("trainable", *[f"{r.trainable_params:,}" if r else "" for r in breakdowns])
     table.add_row("states from", *[
         ("plugin" if r.state_source == "plugin" else "generic guess") if isinstance(r, Breakdown) else ""
         for r in results.values()
     ])
     if device_bytes is not None:
         table.add_row(f"fits in {format_bytes(device_bytes)}", *[
-            ("[green]yes[/green]" if r.fits(device_bytes) else "[red]no[/red]") if isinstance(r, Breakdown) else ""
-            for r in results.values()
+            ("[green]yes[/green]" if r.fits(device_bytes) else "[red]no[/red]") if r else ""
+            for r in breakdowns
         ])
     console = results_console()
     console.print(table)

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowmem.api import CAUSAL_LM, CLASSIFICATION, MASKED_LM, ConfigError, Model, ModelRequest
+from lowmem.api import CAUSAL_LM, CLASSIFICATION, MASKED_LM, Model, ModelRequest
+from lowmem.errors import ConfigError
 from lowmem.text import first_line
 
 if TYPE_CHECKING:  # pragma: no cover - typing only

@@ -9,7 +9,6 @@ without it. ``get_registry()`` is the process's registry, loaded once.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -165,7 +164,9 @@ class Registry:
         wanted = None if only is None else set(only)
         if wanted == set():
             return
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        from lowmem.entry_points import entry_points
+
+        for ep in entry_points(ENTRY_POINT_GROUP):
             if wanted is not None and ep.name not in wanted:
                 continue
             dist = getattr(ep, "dist", None)
@@ -242,7 +243,8 @@ class Registry:
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any plugin failure
-            raise PluginFault(f"{self.describe(obj)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
+            raise PluginFault(
+                f"{self.describe(obj)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
 
 
 def _check_registered(obj: Any, base: type, hook_name: str) -> None:

@@ -106,7 +106,8 @@ def test_caps(config: TrainConfig, say: Callable[[str], None]) -> dict[str, Any]
 
 
 # -- optimizer settings ----------------------------------------------------------------------
-def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig,
+                           say: Callable[[str], None]) -> dict[str, Any]:
     """``optimizer.default_config`` overlaid by the config files in order, then by
     ``config.optimizer_config``; keys and value types checked, then the plugin's own check."""
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -135,7 +136,8 @@ def merge_layers(optimizer: Optimizer, layers: list[tuple[str, dict[str, Any]]])
                                   f"valid keys: {valid}")
             default = optimizer.default_config[key]
             if not _same_type(default, value):
-                raise ConfigError(f"{where}: key {key!r} must be {type(default).__name__}, got {json.dumps(value)}")
+                raise ConfigError(
+                    f"{where}: key {key!r} must be {type(default).__name__}, got {json.dumps(value)}")
             merged[key] = value
     try:
         optimizer.check_config(merged)
@@ -190,14 +192,15 @@ def run_folder(config: TrainConfig, model: str, optimizer: str) -> Path:
     if config.resume and config.resume != "latest" and output_dir is None:
         output_dir = str(run_dir_of(Path(config.resume)))
     if config.resume == "latest" and output_dir is None:
-        raise ConfigError("--resume latest needs --output-dir: the run folder whose newest checkpoint to continue")
+        raise ConfigError(
+            "--resume latest needs --output-dir: the run folder whose newest checkpoint to continue")
     if output_dir is None:
         path = new_run_dir(model, optimizer)
     else:
         path = Path(output_dir)
         if not config.resume and (path / "config.json").exists():
-            raise ConfigError(
-                f"{path} already holds a run; choose another --output-dir or continue it with --resume latest")
+            raise ConfigError(f"{path} already holds a run; choose another --output-dir or continue it "
+                              "with --resume latest")
     check_writable_folder(path)
     return path
 

@@ -52,7 +52,8 @@ class RunFiles:
             self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
         except ImportError:
             if "tensorboard" in report_to:
-                raise ImportError("--report-to tensorboard needs: pip install 'lowmem[tensorboard]'") from None
+                raise ImportError(
+                    "--report-to tensorboard needs: pip install 'lowmem[tensorboard]'") from None
         if "wandb" in report_to:
             import wandb
 

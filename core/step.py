@@ -55,7 +55,8 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         loss_sum += loss.detach()
 
     # The step's one collective: loss sum, tokens, non-finite loss, stop request.
-    flags = torch.tensor([tokens, nonfinite_before_backward, stop_requested], dtype=torch.float64, device=device)
+    flags = torch.tensor([tokens, nonfinite_before_backward, stop_requested], dtype=torch.float64,
+                         device=device)
     flags[1] += (~torch.isfinite(loss_sum)).to(torch.float64)
     stats = dist.sum_(torch.cat([loss_sum.reshape(1), flags]))
     grad_norm = None
@@ -66,12 +67,13 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm)
     # With fp16 the loss scaler owns inf/NaN gradients: it skips the step and lowers the scale.
-    norm_bad = grad_norm is not None and not run.scaler.is_enabled()
-    bad_norm = (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1) if norm_bad else stats[:1] * 0
+    bad_norm = stats[:1] * 0
+    if grad_norm is not None and not run.scaler.is_enabled():
+        bad_norm = (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1)
     # The step's one host read: what happens next depends on these.
     step_tokens, bad_loss, stop, bad_grad = torch.cat([stats[1:], bad_norm]).tolist()
     mean_loss = stats[0] / (accum * dist.world_size)
-    lr = run.scheduler.get_last_lr()[0]
+    lr = float(run.scheduler.get_last_lr()[0])
     skipped = "loss" if bad_loss else "gradient norm" if bad_grad else None
     if skipped is not None:
         run.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowmem.api import MASKED_LM, ConfigError, DataRequest, Model
+from lowmem.api import MASKED_LM, DataRequest, Model
+from lowmem.errors import ConfigError
 from lowmem.text import first_line
 
 if TYPE_CHECKING:  # pragma: no cover - typing only

@@ -99,7 +99,8 @@ def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, 
                 if config.on_nonfinite == "stop":
                     raise NonFiniteError(f"{where}; stopped before the update (last checkpoint kept intact)")
                 if state.nonfinite_skips >= config.max_nonfinite_skips:
-                    raise NonFiniteError(f"{where}; {state.nonfinite_skips} consecutive updates skipped, stopping")
+                    raise NonFiniteError(
+                        f"{where}; {state.nonfinite_skips} consecutive updates skipped, stopping")
                 say(f"warning: {where}; update skipped")
             else:
                 state.nonfinite_skips = batches.fruitless_epochs = 0
@@ -160,8 +161,10 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
         param_bytes=memory.parameter_bytes(job.model), grad_bytes=job.grad_bytes,
         optimizer_state_bytes=memory.optimizer_state_bytes(job.optimizer),
         trainable_params=trainable, total_params=total_params, peak_rss_bytes=memory.peak_rss_bytes(),
-        peak_allocated_bytes=peaks.get("peak_allocated_bytes"), peak_reserved_bytes=peaks.get("peak_reserved_bytes"),
-        peak_memory_bytes=peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()), world_size=dist.world_size,
+        peak_allocated_bytes=peaks.get("peak_allocated_bytes"),
+        peak_reserved_bytes=peaks.get("peak_reserved_bytes"),
+        peak_memory_bytes=peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()),
+        world_size=dist.world_size,
     )
     files.write_summary(result.to_json())
     return result
@@ -188,7 +191,7 @@ class Batches:
         """``size`` micro-batches (every step has exactly as many: per-layer optimizers count
         them), or None when the epoch ended first (the partial group is dropped). Pretraining
         cycles over the corpus; ``trim_to`` keeps only that many rows of each (the last step)."""
-        group = []
+        group: list[dict[str, Any]] = []
         while len(group) < size:
             with self.job.registry.guard(self.job.data.dataset, "records"):
                 batch = next(self.batches, None)

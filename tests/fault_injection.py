@@ -38,9 +38,9 @@ def inject(fault: str, set_attribute: Callable[[Any, str, Any], None] = setattr)
 def main(fault: str, argv: list[str]) -> None:
     import sys
 
+    import tiny_plugin
     import torch
 
-    import tiny_plugin
     from lowmem import cli, registry
 
     registry.EXTRA_PLUGINS.append(tiny_plugin)

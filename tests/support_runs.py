@@ -22,7 +22,9 @@ def small_configs(tmp_path: Path) -> list[str]:
     return ["--galore_config", str(galore)]
 
 
-def pretrain_args(tmp_path: Path, optimizer: str, out: str = "run", tokens: int = 3000, extra=()) -> list[str]:
+def pretrain_args(
+    tmp_path: Path, optimizer: str, out: str = "run", tokens: int = 3000, extra=()
+) -> list[str]:
     return ["train", "--mode", "pretraining", "--optimizer", optimizer, "--model", "tiny-llama",
             "--batch_size", "4", "--max_length", "32", "--num_training_tokens", str(tokens), "--lr", "3e-3",
             "--dtype", "fp32", "--log-every", "1", "--eval-batches", "2", "--output-dir", str(tmp_path / out),

@@ -48,18 +48,24 @@ def test_kebab_spellings_and_counts(cli, captured, tmp_path):
     assert captured[0].num_training_tokens == 100_000_000 and captured[0].batch_size == 4
 
 
-@pytest.mark.parametrize("text,value", [("1e9", 10**9), ("100M", 10**8), ("1B", 10**9), ("2.5k", 2500), ("1_000", 1000)])
+@pytest.mark.parametrize(
+    "text,value", [("1e9", 10**9), ("100M", 10**8), ("1B", 10**9), ("2.5k", 2500), ("1_000", 1000)]
+)
 def test_parse_count(text, value):
     assert parse_count(text) == value
 
 
-BASE = ["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama", "--max_length", "64"]
+BASE = ["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama",
+        "--max_length", "64"]
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["train", "--mode", "pretrain", "--optimizer", "baseline", "--model", "tiny-llama"], "pretraining, finetuning"),
-    (["train", "--mode", "pretraining", "--optimizer", "adam9", "--model", "tiny-llama"], "unknown optimizer 'adam9'"),
-    (["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "llama_3b"], "unknown model 'llama_3b'"),
+    (["train", "--mode", "pretrain", "--optimizer", "baseline", "--model", "tiny-llama"],
+     "pretraining, finetuning"),
+    (["train", "--mode", "pretraining", "--optimizer", "adam9", "--model", "tiny-llama"],
+     "unknown optimizer 'adam9'"),
+    (["train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "llama_3b"],
+     "unknown model 'llama_3b'"),
     (BASE + ["--batch_size", "0"], "positive integer"),
     (BASE + ["--batch_size", "-3"], "positive integer"),
     (BASE + ["--batch_size", "many"], "batch_size"),
@@ -126,9 +132,11 @@ def test_existing_run_is_never_overwritten(cli, captured, tmp_path):
 
 
 def test_listings_show_built_ins(cli):
-    for command, names in (("list-optimizers", ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"]),
-                           ("list-models", ["llama_60m", "llama_1b", "llama_7b", "roberta", "gpt2"]),
-                           ("list-datasets", ["stdlib-docs", "stdlib-topics"])):
+    for command, names in (
+        ("list-optimizers", ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"]),
+        ("list-models", ["llama_60m", "llama_1b", "llama_7b", "roberta", "gpt2"]),
+        ("list-datasets", ["stdlib-docs", "stdlib-topics"]),
+    ):
         result = cli(command)
         assert result.exit_code == 0, result.output
         for name in names:
@@ -136,8 +144,8 @@ def test_listings_show_built_ins(cli):
 
 
 def test_test_mode_caps_are_in_the_resolved_config(tiny_registry, tmp_path):
-    config = TrainConfig(mode="finetuning", optimizer="lora", model="tiny-roberta", batch_size=8, dtype="bf16",
-                         lr=1e-3, weight_decay=0.0, test=True, output_dir=str(tmp_path / "r"))
+    config = TrainConfig(mode="finetuning", optimizer="lora", model="tiny-roberta", batch_size=8,
+                         dtype="bf16", lr=1e-3, weight_decay=0.0, test=True, output_dir=str(tmp_path / "r"))
     config = resolve_config(config, tiny_registry, say=lambda m: None, environ={})
     assert config.max_steps == 4 and config.max_length == 128 and config.dataset == "stdlib-topics"
 

@@ -79,7 +79,9 @@ def test_stdlib_topics_has_several_balanced_learnable_classes(registry):
 
 
 # -- packing and batches -----------------------------------------------------------------------------
-def test_packing_concatenates_documents_with_eos_and_pads_only_the_last_block(registry, tokenizer, text_folder):
+def test_packing_concatenates_documents_with_eos_and_pads_only_the_last_block(
+    registry, tokenizer, text_folder
+):
     import torch
 
     spec = spec_for(registry, tokenizer, "files", str(text_folder), shuffle=False)
@@ -87,14 +89,16 @@ def test_packing_concatenates_documents_with_eos_and_pads_only_the_last_block(re
     stream = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).tolist()
     expected = []
     for record in records(registry, "files", "train", source=str(text_folder)):
-        expected += tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        expected += ids + [tokenizer.eos_token_id]
     assert stream == expected
     assert all(b["input_ids"].shape[1] == 32 for b in batches)
     assert all(b["attention_mask"].all() for b in batches[:-1])
     last = batches[-1]
     assert not last["attention_mask"].all()
     assert (last["labels"][last["attention_mask"] == 0] == -100).all()
-    assert torch.equal(last["labels"][last["attention_mask"] == 1], last["input_ids"][last["attention_mask"] == 1])
+    assert torch.equal(last["labels"][last["attention_mask"] == 1],
+                       last["input_ids"][last["attention_mask"] == 1])
     assert all(b[k].dtype == torch.int64 for b in batches for k in b)
     assert sum(count_tokens(b) for b in batches) == len(expected)
 
@@ -123,7 +127,8 @@ def test_classification_batches_pad_per_batch_and_carry_class_labels(registry, t
 
 @pytest.mark.parametrize(
     ("dataset", "objective"),
-    [("stdlib-docs", lowmem.CAUSAL_LM), ("stdlib-docs", lowmem.MASKED_LM), ("stdlib-topics", lowmem.CLASSIFICATION)],
+    [("stdlib-docs", lowmem.CAUSAL_LM), ("stdlib-docs", lowmem.MASKED_LM),
+     ("stdlib-topics", lowmem.CLASSIFICATION)],
 )
 def test_resume_skip_gives_exactly_the_remaining_batches(registry, tokenizer, dataset, objective):
     spec = spec_for(registry, tokenizer, dataset, objective=objective, batch_size=32, max_length=128)
@@ -171,7 +176,8 @@ def test_each_local_format_loads_as_a_text_dataset(registry, tmp_path, text_fold
     files = registry.dataset("files")
     for path in [*write_formats(tmp_path).values(), text_folder / "book.txt"]:
         assert files.kind_of(str(path)) == "text"
-        texts = [r["text"] for split in ("train", "eval") for r in records(registry, "files", split, str(path))]
+        texts = [r["text"] for split in ("train", "eval")
+                 for r in records(registry, "files", split, str(path))]
         assert len(texts) in (40, 60), path
     txt = [r["text"] for s in ("train", "eval") for r in records(registry, "files", s, str(text_folder))]
     assert sorted(txt) == sorted(PARAGRAPHS)  # .txt: one document per blank-line-separated paragraph
@@ -192,10 +198,13 @@ def test_a_labelled_csv_is_a_classification_dataset_with_sorted_string_labels(re
 
 
 def test_a_folder_uses_its_validation_file_as_the_eval_split(registry, tmp_path):
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"train {i}"}) + "\n" for i in range(30)))
-    (tmp_path / "validation.jsonl").write_text("".join(json.dumps({"text": f"held out {i}"}) + "\n" for i in range(5)))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"train {i}"}) + "\n" for i in range(30)))
+    (tmp_path / "validation.jsonl").write_text(
+        "".join(json.dumps({"text": f"held out {i}"}) + "\n" for i in range(5)))
     assert len(records(registry, "files", "train", str(tmp_path))) == 30
-    assert [r["text"] for r in records(registry, "files", "eval", str(tmp_path))] == [f"held out {i}" for i in range(5)]
+    assert [r["text"] for r in records(registry, "files", "eval", str(tmp_path))] == [
+        f"held out {i}" for i in range(5)]
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,8 @@ def ddp_args(tmp_path: Path, optimizer: str, out: str, extra=()) -> list[str]:
     lora = tmp_path / "lora.json"
     lora.write_text(json.dumps({"lora_dropout": 0.0}))
     return pretrain_args(tmp_path, optimizer, out=out, tokens=TOKENS,
-                         extra=["--lora_config", str(lora), "--save-every", "3", "--keep-checkpoints", "10", *extra])
+                         extra=["--lora_config", str(lora), "--save-every", "3", "--keep-checkpoints", "10",
+                                *extra])
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +103,13 @@ def test_two_processes_equal_one_with_accumulation(cli, tmp_path, two_process_ru
     config, summary = (json.loads((run / name).read_text()) for name in ("config.json", "summary.json"))
     assert config["world_size"] == 2 and summary["world_size"] == 2
     assert summary["tokens"] == TOKENS and summary["steps"] == 10  # tokens of both ranks counted
-    steps = [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    steps = [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "loss" in row]
     assert steps == list(range(1, 11))  # one writer: no row twice
     assert sorted(p.name for p in folder.iterdir()) == ["galore.json", "lora.json", "run"]
 
-    accumulated = cli(*ddp_args(tmp_path, optimizer, "accum", extra=["--batch_size", "4", "--grad-accum", "2"]))
+    accumulated = cli(*ddp_args(tmp_path, optimizer, "accum",
+                                extra=["--batch_size", "4", "--grad-accum", "2"]))
     assert accumulated.exit_code == 0, accumulated.output
     assert_runs_identical(run, tmp_path / "accum")
 
@@ -150,8 +153,10 @@ def test_torchrun_directly(launch_env, tmp_path):
 def test_per_layer_galore_is_refused_in_one_line(launch_env, tmp_path):
     config = tmp_path / "per_layer.json"
     config.write_text(json.dumps({"rank": 4, "per_layer": True}))
-    result = launch(launch_env, *pretrain_args(tmp_path, "galore", extra=["--optimizer-config", str(config),
-                                                                          "--max-grad-norm", "0"]), "--nproc", "2")
+    result = launch(launch_env,
+                    *pretrain_args(tmp_path, "galore",
+                                   extra=["--optimizer-config", str(config), "--max-grad-norm", "0"]),
+                    "--nproc", "2")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "'per_layer' runs on a single process only" in errors[0], result.stderr
@@ -174,7 +179,7 @@ def test_accelerate_cpu_single_process_launch_is_refused(launch_env, tmp_path):
 
 # -- the launcher checks, without launching ------------------------------------------------------
 def test_a_world_size_mismatch_is_refused():
-    from lowmem.api import ConfigError
+    from lowmem.errors import ConfigError
     from lowmem.distributed import DistContext
 
     with pytest.raises(ConfigError, match="3 processes were asked for"):

@@ -63,7 +63,8 @@ def train_two_steps(registry, model_name, optimizer_name, config, per_layer):
         lr=1e-3, config=full, target_modules=model_plugin.target_modules, max_grad_norm=0.0,
     )
     torch.manual_seed(0)
-    model = model_plugin.build(lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=model_plugin.vocab_size))
+    model = model_plugin.build(
+        lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=model_plugin.vocab_size))
     model = optimizer_plugin.prepare_model(model, settings)
     most_gradient_bytes = [0]
 
@@ -90,8 +91,9 @@ def train_two_steps(registry, model_name, optimizer_name, config, per_layer):
 def test_estimate_equals_measured_bytes(registry_with_plain, name, config, per_layer):
     registry = registry_with_plain
     result = estimate(
-        registry.model("tiny-llama"), registry.optimizer(name), mode="pretraining", objective=lowmem.CAUSAL_LM,
-        batch_size=2, max_length=16, dtype="bf16", optimizer_config=config, per_layer=per_layer,
+        registry.model("tiny-llama"), registry.optimizer(name), mode="pretraining",
+        objective=lowmem.CAUSAL_LM, batch_size=2, max_length=16, dtype="bf16", optimizer_config=config,
+        per_layer=per_layer,
     )
     model, optimizer, gradient_bytes = train_two_steps(registry, "tiny-llama", name, config, per_layer)
     trainable, total = memory.parameter_counts(model)
@@ -161,7 +163,8 @@ PEAK_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
 @pytest.mark.parametrize("name", ["baseline", "galore"])
 def test_estimated_peak_is_close_to_measured_rss_growth(name):
-    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, name], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, name],
+                          capture_output=True, text=True, check=True)
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = figures["estimate"] / figures["growth"]
     # Measured: baseline 0.91-1.02, galore 0.86 (its SVD workspace and projection temporaries are
@@ -187,7 +190,8 @@ def test_llama_7b_on_meta_device_against_the_galore_paper(tiny_registry):
     # With fp32 master weights and autocast copies, far more than 24 GB ...
     assert paper_rank.total > 40 * 2**30
     # ... with bf16 weights, as the paper trains, within 10% of its 22.72 GB, and it fits in 24 GB.
-    pure = estimate(model_plugin, galore8bit, optimizer_config={"rank": 1024}, **{**common, "dtype": "bf16-pure"})
+    pure = estimate(model_plugin, galore8bit, optimizer_config={"rank": 1024},
+                    **{**common, "dtype": "bf16-pure"})
     assert abs(pure.total / 2**30 - 22.72) / 22.72 < 0.10 and pure.fits(24 * 2**30)
     assert pure.weights == 2 * pure.total_params and pure.weight_copies == 0
     reduction = state_reduction(paper_rank.optimizer_states, paper_rank.trainable_params)
@@ -195,7 +199,8 @@ def test_llama_7b_on_meta_device_against_the_galore_paper(tiny_registry):
 
 
 def test_cli_table_all_optimizers_and_na(cli):
-    result = cli("estimate", "--model", "tiny-llama", "--per-layer", "--max-length", "64", "--device-memory", "24GB")
+    result = cli("estimate", "--model", "tiny-llama", "--per-layer", "--max-length", "64",
+                 "--device-memory", "24GB")
     assert result.exit_code == 0, result.output
     for name in ("baseline", "lora", "galore", "galore8bit", "lora+galore8bit"):
         assert name in result.output

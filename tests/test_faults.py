@@ -99,7 +99,8 @@ def test_nan_loss_stops_before_the_update(faulty_cli, tmp_path):
 
 
 def test_nan_loss_skip_keeps_parameters_and_schedule(faulty_cli, tmp_path):
-    args = with_model(pretrain_args(tmp_path, "baseline", tokens=1500, extra=["--on-nonfinite", "skip"]), "nan-at-5")
+    args = with_model(pretrain_args(tmp_path, "baseline", tokens=1500, extra=["--on-nonfinite", "skip"]),
+                      "nan-at-5")
     result = faulty_cli(*args)
     assert result.exit_code == 0, result.output
     assert "non-finite loss at step 5; update skipped" in result.output
@@ -123,7 +124,8 @@ def test_fp16_overflow_is_skipped_by_the_scaler_without_advancing_the_schedule(f
 def _two_checkpoints(cli, tmp_path) -> tuple[list[str], list[Path]]:
     from lowmem.checkpoint_files import complete_checkpoints
 
-    args = pretrain_args(tmp_path, "galore8bit", tokens=1600, extra=["--save-every", "3", "--keep-checkpoints", "5"])
+    args = pretrain_args(tmp_path, "galore8bit", tokens=1600,
+                         extra=["--save-every", "3", "--keep-checkpoints", "5"])
     assert cli(*args).exit_code == 0
     return args, complete_checkpoints(tmp_path / "run")
 
@@ -183,15 +185,16 @@ def test_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(cli, tmp_path)
 
 
 def test_full_disk_during_a_save_names_the_path_and_keeps_the_previous(cli, tmp_path, monkeypatch):
-    from lowmem.checkpoint_files import complete_checkpoints, verify
-
     from fault_injection import inject
+
+    from lowmem.checkpoint_files import complete_checkpoints, verify
 
     inject("disk-full:files@6", monkeypatch.setattr)
     args = pretrain_args(tmp_path, "baseline", tokens=3000, extra=["--save-every", "3"])
     result = cli(*args)
     assert result.exit_code == 2
-    assert "No space left on device" in result.output and str(tmp_path / "run" / "checkpoints") in result.output
+    assert "No space left on device" in result.output
+    assert str(tmp_path / "run" / "checkpoints") in result.output
     saved = complete_checkpoints(tmp_path / "run")
     assert [p.name for p in saved] == ["step-3"] and verify(saved[0])
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
@@ -212,7 +215,8 @@ def test_remote_code_model_folder_is_refused(cli, tmp_path):
 def test_plugin_failing_mid_run_is_named(faulty_cli, tmp_path):
     from lowmem.checkpoint_files import complete_checkpoints, verify
 
-    args = pretrain_args(tmp_path, "baseline", tokens=10**6, extra=["--dataset", "breaks-mid-run", "--save-every", "1"])
+    args = pretrain_args(tmp_path, "baseline", tokens=10**6,
+                         extra=["--dataset", "breaks-mid-run", "--save-every", "1"])
     result = faulty_cli(*args)
     assert result.exit_code == 1, result.output
     assert "dataset 'breaks-mid-run'" in result.output and "records()" in result.output

@@ -15,7 +15,7 @@ from tiny_plugin import TINY_VOCAB
 
 import lowmem
 from lowmem.data import DataSpec, train_batches
-from lowmem.modeling import refuse_unrequested_remote_code, find_weights
+from lowmem.modeling import find_weights, refuse_unrequested_remote_code
 
 
 def on_meta(registry, name, objective=None, vocab=32000, num_labels=0):
@@ -91,7 +91,8 @@ def test_one_training_step_on_a_real_batch(registry, tokenizer, name, objective,
     labels = len(registry.dataset(dataset).label_names(lowmem.DataRequest("train")))
     torch.manual_seed(0)
     model = plugin.build(lowmem.ModelRequest(
-        objective=objective, vocab_size=len(tokenizer), num_labels=labels, pad_token_id=tokenizer.pad_token_id,
+        objective=objective, vocab_size=len(tokenizer), num_labels=labels,
+        pad_token_id=tokenizer.pad_token_id,
     ))
     loss = model(**batch).loss
     assert torch.isfinite(loss)
@@ -104,7 +105,8 @@ def test_one_training_step_on_a_real_batch(registry, tokenizer, name, objective,
 
 
 def save_tiny_llama(registry, folder: Path) -> None:
-    model = registry.model("tiny-llama").build(lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=TINY_VOCAB))
+    model = registry.model("tiny-llama").build(
+        lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=TINY_VOCAB))
     model.save_pretrained(folder)
 
 
@@ -120,13 +122,14 @@ def test_finetuning_loads_saved_weights_with_a_new_head_and_resized_vocab(regist
     assert model.config.num_labels == 3 and model.get_input_embeddings().num_embeddings == TINY_VOCAB + 8
     assert next(model.parameters()).dtype == torch.float32
     saved = registry.model("tiny-llama").build(
-        lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=TINY_VOCAB, weights=str(tmp_path / "pretrained"))
+        lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=TINY_VOCAB,
+                            weights=str(tmp_path / "pretrained"))
     )
     layer = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(model.state_dict()[layer], saved.state_dict()[layer])
     on_meta_from_folder = registry.model("tiny-llama").build(
-        lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=TINY_VOCAB, weights=str(tmp_path / "pretrained"),
-                            device="meta")
+        lowmem.ModelRequest(objective=lowmem.CAUSAL_LM, vocab_size=TINY_VOCAB,
+                            weights=str(tmp_path / "pretrained"), device="meta")
     )
     assert n_params(on_meta_from_folder) == n_params(saved)
 
@@ -146,7 +149,8 @@ def test_weights_come_from_model_path_or_fail_offline_with_instructions(registry
     messages: list[str] = []
     roberta, llama = registry.model("roberta"), registry.model("llama_60m")
     assert find_weights(roberta, "pretraining", None, test=False, say=messages.append) is None
-    assert find_weights(roberta, "finetuning", "/models/mine", test=False, say=messages.append) == "/models/mine"
+    found = find_weights(roberta, "finetuning", "/models/mine", test=False, say=messages.append)
+    assert found == "/models/mine"
     with pytest.raises(lowmem.ConfigError, match="--model-path") as failure:
         find_weights(roberta, "finetuning", None, test=False, say=messages.append)
     assert "huggingface-cli download roberta-base" in str(failure.value)

@@ -29,7 +29,8 @@ def test_no_module_shadows_the_plugins_package():
 def test_help_and_listing_do_not_import_heavy_libraries():
     code = ("import sys; from typer.testing import CliRunner; from lowmem.cli import app; "
             "r = CliRunner().invoke(app, ['list-optimizers']); assert r.exit_code == 0, r.output; "
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'galore_torch') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'galore_torch') "
+            "if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"LOWMEM_LOAD_PLUGINS": "", "PATH": "/usr/bin:/bin"})

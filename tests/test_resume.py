@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -54,8 +50,8 @@ def test_resume_per_layer_galore(cli, tmp_path):
     config = tmp_path / "per_layer.json"
     config.write_text(json.dumps({"rank": 4, "update_proj_gap": 2, "per_layer": True}))
     args = pretrain_args(tmp_path, "galore8bit", out="reference", tokens=2600,
-                         extra=["--optimizer-config", str(config), "--max-grad-norm", "0", "--grad-accum", "2",
-                                "--save-every", "2", "--keep-checkpoints", "10"])
+                         extra=["--optimizer-config", str(config), "--max-grad-norm", "0",
+                                "--grad-accum", "2", "--save-every", "2", "--keep-checkpoints", "10"])
     assert cli(*args).exit_code == 0
     resumed = interrupted_copy(tmp_path / "reference", tmp_path / "resumed", step=2)
     assert cli(*resume_args(args, resumed)).exit_code == 0
@@ -65,11 +61,13 @@ def test_resume_per_layer_galore(cli, tmp_path):
 def test_resume_mid_epoch_finetuning_with_shuffle(cli, tmp_path):
     """A 40-row CSV in batches of 8: 5 batches an epoch, so step 7 is in the middle of epoch 2."""
     data = tmp_path / "reviews.csv"
-    rows = ["text,label"] + [f"\"{'good fine great' if i % 2 else 'bad awful poor'} item {i}\",{'pos' if i % 2 else 'neg'}"
+    rows = ["text,label"] + [f"\"{'good fine great' if i % 2 else 'bad awful poor'} item {i}\","
+                             f"{'pos' if i % 2 else 'neg'}"
                              for i in range(44)]
     data.write_text("\n".join(rows) + "\n")
-    args = ["train", "--mode", "finetuning", "--optimizer", "galore", "--model", "tiny-gpt2", "--dataset", str(data),
-            "--batch_size", "8", "--max_length", "32", "--num_epochs", "3", "--lr", "3e-3", "--dtype", "fp32",
+    args = ["train", "--mode", "finetuning", "--optimizer", "galore", "--model", "tiny-gpt2",
+            "--dataset", str(data), "--batch_size", "8", "--max_length", "32", "--num_epochs", "3",
+            "--lr", "3e-3", "--dtype", "fp32",
             "--log-every", "1", "--eval-batches", "1", "--save-every", "7", "--keep-checkpoints", "5",
             "--output-dir", str(tmp_path / "reference"), "--galore_config", str(_galore_file(tmp_path)),
             "--model-path", str(_tiny_gpt2_weights(tmp_path))]
@@ -92,7 +90,8 @@ def _tiny_gpt2_weights(tmp_path: Path) -> Path:
     from lowmem.api import CAUSAL_LM, ModelRequest
 
     folder = tmp_path / "gpt2-weights"
-    tiny_model_classes()[1]().build(ModelRequest(objective=CAUSAL_LM, vocab_size=TINY_VOCAB)).save_pretrained(folder)
+    model = tiny_model_classes()[1]().build(ModelRequest(objective=CAUSAL_LM, vocab_size=TINY_VOCAB))
+    model.save_pretrained(folder)
     return folder
 
 

@@ -65,7 +65,8 @@ def test_second_load_comes_from_the_cache_with_the_same_ids(registry, cache_dir,
 
 
 def test_paper_vocab_of_32000_is_reached_on_the_embedded_corpus(registry, cache_dir):
-    texts = [r["text"] for r in registry.dataset("stdlib-docs").records(lowmem.DataRequest("train", cache_dir=cache_dir))]
+    request = lowmem.DataRequest("train", cache_dir=cache_dir)
+    texts = [r["text"] for r in registry.dataset("stdlib-docs").records(request)]
     tok = train_bpe(texts, 32000)
     assert len(tok) == 32000
     # Most of it is learned merges; the rest (when the corpus runs out of merges) reserved tokens.

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 from support_runs import assert_loss_falls, pretrain_args, read_metrics, small_configs, train_losses
 
 OPTIMIZERS = ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"]
-SUMMARY_KEYS = {"final_loss", "eval_loss", "steps", "tokens", "wall_seconds", "tokens_per_second", "param_bytes",
-                "grad_bytes", "optimizer_state_bytes", "trainable_params", "total_params", "peak_rss_bytes"}
+SUMMARY_KEYS = {"final_loss", "eval_loss", "steps", "tokens", "wall_seconds", "tokens_per_second",
+                "param_bytes", "grad_bytes", "optimizer_state_bytes", "trainable_params", "total_params",
+                "peak_rss_bytes"}
 
 
 
@@ -41,8 +41,9 @@ def reload_matches_checkpoint(run: Path, auto_class) -> None:
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     request = ModelRequest(objective=config["objective"], vocab_size=len(tokenizer),
                            num_labels=len(config["label_names"]), pad_token_id=tokenizer.pad_token_id)
-    settings = OptimizerSettings(lr=1e-3, config=config["optimizer_config"], target_modules=plugin.target_modules,
-                                 objective=config["objective"], max_grad_norm=config["max_grad_norm"])
+    settings = OptimizerSettings(lr=1e-3, config=config["optimizer_config"],
+                                 target_modules=plugin.target_modules, objective=config["objective"],
+                                 max_grad_norm=config["max_grad_norm"])
     in_memory = optimizer.prepare_model(plugin.build(request), settings)
     last = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))[-1]
     safetensors.torch.load_model(in_memory, str(last / "model.safetensors"), strict=False)
@@ -88,7 +89,8 @@ def tiny_roberta_weights(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-roberta-base")
     roberta = tiny_model_classes()[2]()
-    roberta.build(ModelRequest(objective=MASKED_LM, vocab_size=TINY_VOCAB, pad_token_id=1)).save_pretrained(folder)
+    model = roberta.build(ModelRequest(objective=MASKED_LM, vocab_size=TINY_VOCAB, pad_token_id=1))
+    model.save_pretrained(folder)
     return folder
 
 
@@ -96,9 +98,11 @@ def tiny_roberta_weights(tmp_path_factory):
 def test_finetuning_classification_every_optimizer(cli, tmp_path, optimizer, tiny_roberta_weights):
     from transformers import AutoModelForSequenceClassification
 
-    result = cli("train", "--model-path", str(tiny_roberta_weights), "--mode", "finetuning", "--optimizer", optimizer, "--model", "tiny-roberta",
+    result = cli("train", "--model-path", str(tiny_roberta_weights), "--mode", "finetuning",
+                 "--optimizer", optimizer, "--model", "tiny-roberta",
                  "--batch_size", "8", "--max_length", "64", "--num_epochs", "1", "--max-steps", "12",
-                 "--lr", "3e-3", "--dtype", "fp32", "--log-every", "1", "--eval-batches", "2", "--test", "false",
+                 "--lr", "3e-3", "--dtype", "fp32", "--log-every", "1", "--eval-batches", "2",
+                 "--test", "false",
                  "--output-dir", str(tmp_path / "run"), *small_configs(tmp_path))
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
@@ -127,7 +131,8 @@ def test_per_layer_galore_with_accumulation(cli, tmp_path):
     config = tmp_path / "per_layer.json"
     config.write_text(json.dumps({"rank": 4, "update_proj_gap": 5, "per_layer": True}))
     result = cli(*pretrain_args(tmp_path, "galore8bit", tokens=3000,
-                                extra=["--optimizer-config", str(config), "--grad-accum", "2", "--max-grad-norm", "0"]))
+                                extra=["--optimizer-config", str(config), "--grad-accum", "2",
+                                       "--max-grad-norm", "0"]))
     assert result.exit_code == 0, result.output
     assert_loss_falls(tmp_path / "run")
 

@@ -5,11 +5,9 @@ Standard library only, so registering the datasets stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +17,8 @@ T = TypeVar("T")
 
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) fixed by ``key`` alone: Python's ``hash`` is salted per process."""
+    import hashlib  # ~7 ms (OpenSSL start-up): not at registration time
+
     digest = hashlib.sha1(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -54,6 +54,8 @@ def write_jsonl_atomically(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write to a temporary file in the same folder, then rename: two processes building the same
     cache at once both succeed, and a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
     handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -81,7 +83,8 @@ def cached_rows(path: Path | None, build: Callable[[], list[dict[str, Any]]]) ->
 _rows_in_process: dict[tuple[str, Path | None], list[dict[str, Any]]] = {}
 
 
-def built_once(name: str, cache_dir: Path | None, build: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def built_once(name: str, cache_dir: Path | None,
+               build: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The rows of an embedded dataset: built once per Python version into a JSONL file under
     ``cache_dir`` and kept in memory for the rest of the process."""
     path = None if cache_dir is None else Path(cache_dir) / "datasets" / f"{name}.jsonl"

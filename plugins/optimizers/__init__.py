@@ -5,14 +5,13 @@ torch, peft, galore_torch and bitsandbytes are imported inside methods, after
 ``quiet_bitsandbytes()``.
 """
 
-import logging
-
-
 def quiet_bitsandbytes() -> None:
     """Silence bitsandbytes' CPU-backend noise ("Failed to load CPU gemm_4bit_forward ...").
 
     Must run before bitsandbytes is first imported, directly or through peft / galore_torch.
     """
+    import logging  # here, not at registration time: `lowmem --help` imports this package
+
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 

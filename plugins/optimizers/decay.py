@@ -40,7 +40,8 @@ def split_decay(
     if decay_all:
         return [p for _, p in pairs], []
     norms = norm_parameter_ids(model)
-    decayed, not_decayed = [], []
+    decayed: list[Any] = []
+    not_decayed: list[Any] = []
     for name, p in pairs:
         (not_decayed if name.endswith("bias") or id(p) in norms else decayed).append(p)
     return decayed, not_decayed

@@ -148,10 +148,11 @@ def pack_projector(projector: GaLoreProjector) -> dict[str, Any]:
     }
 
 
-class ProjectorStateMixin:
+class ProjectorStateMixin(torch.optim.Optimizer):
     """state_dict()/load_state_dict() for optimizers keeping a GaLoreProjector per parameter:
     the projector is saved as its matrix and numbers, and rebuilt on load, so a resumed run
-    projects with the saved matrix until its next scheduled refresh."""
+    projects with the saved matrix until its next scheduled refresh. Mixed in before a
+    ``torch.optim.Optimizer`` subclass."""
 
     def state_dict(self):
         state_dict = super().state_dict()
@@ -183,7 +184,9 @@ class LowmemGaLoreAdamW(ProjectorStateMixin, GaLoreAdamW):
     eps is galore_torch's default, for the projected and the plain groups alike."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, eps: float = GALORE_TORCH_EPS):
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, no_deprecation_warning=True)
+        # mypy resolves this to torch's Optimizer (galore_torch has no type information).
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay,  # type: ignore[call-arg]
+                         no_deprecation_warning=True)
 
     @torch.no_grad()
     def step(self, closure=None):

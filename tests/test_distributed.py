@@ -179,8 +179,8 @@ def test_accelerate_cpu_single_process_launch_is_refused(launch_env, tmp_path):
 
 # -- the launcher checks, without launching ------------------------------------------------------
 def test_a_world_size_mismatch_is_refused():
-    from lowmem.errors import ConfigError
     from lowmem.distributed import DistContext
+    from lowmem.errors import ConfigError
 
     with pytest.raises(ConfigError, match="3 processes were asked for"):
         DistContext.from_launcher({"LOWMEM_EXPECTED_WORLD_SIZE": "3"}, want_cuda=False)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -22,6 +23,7 @@ import pluggy
 from lowmem import hookspecs
 from lowmem.api import Dataset, Model, Optimizer
 from lowmem.errors import ConfigError, PluginFault
+from lowmem.hook_calls import call_hook
 
 ENTRY_POINT_GROUP = "lowmem"
 BUILT_IN = "built-in"
@@ -37,6 +39,7 @@ KIND_OF = {"optimizers": "optimizer", "models": "model", "datasets": "dataset"}
 
 @dataclass
 class PluginInfo:
+    """One loaded plugin, for ``lowmem plugins``."""
     name: str
     origin: str  # "built-in" or "<distribution> <version>"
     hooks: list[str] = field(default_factory=list)
@@ -80,7 +83,8 @@ class Registry:
             self._fail(info, f"{type(exc).__name__}: {exc}")
             return info
         self._info_of[id(plugin)] = info
-        info.hooks = [h for h in HOOKS if any(i.plugin is plugin for i in self._impls(h))]
+        info.hooks = [hook for hook in HOOKS
+                      if any(i.plugin is plugin for i in getattr(self.pm.hook, hook).get_hookimpls())]
         if collect:
             self.collect()
         return info
@@ -93,7 +97,8 @@ class Registry:
                 getattr(self, attr).clear()
             failed = None
             for hook_name, (attr, base) in HOOKS.items():
-                collected, failed = self._call(hook_name, base)
+                collected, failed = call_hook(self.pm, hook_name, partial(_check_registered, base=base,
+                                                                          hook_name=hook_name))
                 if failed is not None:
                     break
                 for plugin, obj in collected:
@@ -103,44 +108,6 @@ class Registry:
             plugin, reason = failed
             self.pm.unregister(plugin)
             self._fail(self._info_of.pop(id(plugin)), reason)
-
-    def _impls(self, hook_name: str) -> list[Any]:
-        return getattr(self.pm.hook, hook_name).get_hookimpls()
-
-    def _call(self, hook_name: str, base: type) -> tuple[list[tuple[object, Any]], tuple[object, str] | None]:
-        """One pluggy call of ``hook_name``. Each hook function runs inside a wrapper that notes
-        whose registrations follow and catches its failure, so the other plugins still run."""
-        collected: list[tuple[object, Any]] = []
-        failures: list[tuple[object, str]] = []
-        calling: list[object] = []
-
-        def attributed(function: Callable[..., Any], plugin: object) -> Callable[..., Any]:
-            def run(*args: Any, **kwargs: Any) -> Any:
-                calling.append(plugin)
-                try:
-                    return function(*args, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - a plugin fault is isolated
-                    failures.append((plugin, f"{hook_name} raised {type(exc).__name__}: {exc}"))
-                    return None
-                finally:
-                    calling.pop()
-
-            return run
-
-        def register(obj: Any) -> None:
-            _check_registered(obj, base, hook_name)
-            collected.append((calling[-1], obj))
-
-        impls = [i for i in self._impls(hook_name) if not (i.hookwrapper or i.wrapper)]
-        originals = [impl.function for impl in impls]
-        for impl in impls:
-            impl.function = attributed(impl.function, impl.plugin)
-        try:
-            getattr(self.pm.hook, hook_name)(register=register)
-        finally:
-            for impl, function in zip(impls, originals, strict=True):
-                impl.function = function
-        return collected, (failures[0] if failures else None)
 
     def _fail(self, info: PluginInfo, reason: str) -> None:
         info.status = f"failed: {reason}"
@@ -247,7 +214,7 @@ class Registry:
                 f"{self.describe(obj)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
 
 
-def _check_registered(obj: Any, base: type, hook_name: str) -> None:
+def _check_registered(obj: Any, *, base: type, hook_name: str) -> None:
     if not isinstance(obj, base):
         raise TypeError(f"{hook_name} registered {obj!r}, which is not a lowmem.{base.__name__}")
     if not getattr(obj, "name", ""):
@@ -279,7 +246,10 @@ def load_registry(
     registry.load_entry_points(only)
     registry.collect()
     for message in registry.warnings:
-        (say or _stderr)(message)
+        if say is not None:
+            say(message)
+        else:
+            print(message, file=sys.stderr)
     return registry
 
 
@@ -300,7 +270,3 @@ def get_registry() -> Registry:
 def reset_registry() -> None:
     global _registry
     _registry = None
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)

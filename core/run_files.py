@@ -114,26 +114,3 @@ class RunFiles:
             return []
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
         return [row["loss"] for row in rows if "loss" in row]
-
-
-def print_summary(summary: dict[str, Any], stream=None) -> None:
-    """The end-of-run table, on stdout: results are output, progress is not."""
-    from rich.table import Table
-
-    from lowmem.progress import results_console
-    from lowmem.text import format_bytes
-
-    table = Table(title=f"lowmem run: {summary.get('model')} / {summary.get('optimizer')}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        if key in ("model", "optimizer", "output_dir"):
-            continue
-        if key.endswith("_bytes") and isinstance(value, int):
-            shown = format_bytes(value)
-        elif isinstance(value, float):
-            shown = f"{value:.4g}"
-        else:
-            shown = f"{value:,}" if isinstance(value, int) else str(value)
-        table.add_row(key, shown)
-    results_console(stream).print(table)

@@ -24,7 +24,7 @@ def test_train_returns_a_run_result_equal_to_summary_json(tiny_registry, tmp_pat
     result = lowmem.train(tiny_config(tmp_path), tiny_registry, say=lambda message: None)
     assert isinstance(result, lowmem.RunResult)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary == result.to_json()
+    assert summary == result.to_json() and lowmem.RunResult.from_json(summary) == result
     assert {f.name for f in dataclasses.fields(lowmem.RunResult)} == set(summary)
     assert result.steps == 8 and result.tokens == 1024 and result.eval_perplexity > 1
     assert result.eval_accuracy is None and result.world_size == 1

@@ -22,9 +22,6 @@ class RunResult:
     steps: int  # optimizer steps taken
     tokens: int  # real (non-padding) input tokens trained on, all processes together
     final_loss: float  # the last step's training loss
-    eval_loss: float | None
-    eval_perplexity: float | None
-    eval_accuracy: float | None
     # Wall time of the whole run (model build, data, evaluation and saving included) and of the
     # training steps alone, which tokens_per_second and step_seconds are measured on.
     wall_seconds: float
@@ -42,6 +39,15 @@ class RunResult:
     # The peak to compare runs by: CUDA's peak allocation on a GPU, else the peak RSS.
     peak_memory_bytes: int
     world_size: int
+    # Held-out metrics; those that do not apply to the run's objective and data stay None.
+    eval_loss: float | None = None  # on the tokens the training loss is taken on (SFT: completions)
+    eval_perplexity: float | None = None  # language modelling
+    eval_accuracy: float | None = None  # classification (MNLI: the matched split)
+    eval_f1: float | None = None  # binary classification, positive class 1
+    eval_matthews_correlation: float | None = None  # binary classification
+    eval_pearson: float | None = None  # regression (one float label)
+    eval_spearman: float | None = None  # regression
+    eval_accuracy_mismatched: float | None = None  # MNLI's validation_mismatched split
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

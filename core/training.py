@@ -152,9 +152,7 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
     peaks = memory.cuda_peaks(job.device)
     result = RunResult(
         model=config.model, optimizer=config.optimizer, mode=config.mode, output_dir=config.output_dir,
-        steps=state.step, tokens=state.tokens, final_loss=last_loss,
-        eval_loss=final_eval.get("eval_loss"), eval_perplexity=final_eval.get("eval_perplexity"),
-        eval_accuracy=final_eval.get("eval_accuracy"),
+        steps=state.step, tokens=state.tokens, final_loss=last_loss, **final_eval,
         wall_seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
         tokens_per_second=state.tokens / max(state.train_seconds, 1e-9),
         step_seconds=state.train_seconds / state.step,

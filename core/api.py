@@ -19,7 +19,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 # Objectives a model can be trained for; datasets and the loss follow from them.
 CAUSAL_LM = "causal_lm"
 MASKED_LM = "masked_lm"
-CLASSIFICATION = "classification"
+CLASSIFICATION = "classification"  # sequence classification; one float output for regression
+# Kinds of dataset, by the fields of their records (see Dataset):
+TEXT = "text"  # {"text"}: language modelling
+SFT = "sft"  # {"prompt", "completion"}: the loss on the completion only
+CHAT = "chat"  # {"messages": [{"role", "content"}, ...]}: the loss on assistant turns only
+REGRESSION = "regression"  # {"text", "label": float} (+ "text_pair"): one output, MSE
+CLASSIFICATION_KINDS = (CLASSIFICATION, REGRESSION)
 
 
 @dataclass(frozen=True)
@@ -132,9 +138,24 @@ class Model:
 
     def objective(self, mode: str, dataset_kind: str) -> str:
         """What the model is trained for in ``mode`` on a dataset of ``dataset_kind``."""
-        if mode == "finetuning" and dataset_kind == CLASSIFICATION:
+        if mode == "finetuning" and dataset_kind in CLASSIFICATION_KINDS:
             return CLASSIFICATION
         return CAUSAL_LM
+
+    def from_source(self, source: str) -> Model | None:
+        """A model for ``--model SOURCE`` when SOURCE is not a registered name (a Hugging Face
+        folder or hub id, say), or None when this plugin cannot load it. Default: None."""
+        return None
+
+    def tokenizer_source(self) -> str | None:
+        """Where this model's own tokenizer is (a folder or hub id), for models loaded from a
+        source; None: lowmem's usual choice (``tokenizer_id`` if cached, else the fallback BPE)."""
+        return None
+
+    def find_targets(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The layers LoRA adapts and GaLore projects, when ``target_modules`` is empty: names
+        (suffixes of qualified module names) found on the built model. Default: none."""
+        return ()
 
     def build(self, request: ModelRequest) -> torch.nn.Module:
         raise NotImplementedError(f"model plugin {self.name!r} does not implement build()")
@@ -152,7 +173,10 @@ class DataRequest:
 
 
 class Dataset:
-    """A dataset plugin: records of ``{"text": str}`` or ``{"text": str, "label": int}``."""
+    """A dataset plugin. Its records, by ``kind_of``: ``{"text"}`` (TEXT), ``{"prompt",
+    "completion"}`` (SFT), ``{"messages": [{"role", "content"}]}`` (CHAT), ``{"text", "label":
+    int}`` (CLASSIFICATION) or ``{"text", "label": float}`` (REGRESSION); the classification
+    kinds may add ``"text_pair"`` for sentence-pair tasks."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -161,6 +185,9 @@ class Dataset:
     default_for: ClassVar[tuple[str, ...]] = ()
     # True: the offline fallback tokenizer may be trained on this dataset's text.
     tokenizer_corpus: ClassVar[bool] = False
+    # True: ``--dataset NAME/SOURCE`` reaches this dataset with ``DataRequest.source`` SOURCE
+    # (``glue/mrpc``: dataset ``glue``, source ``mrpc``).
+    takes_source: ClassVar[bool] = False
 
     def kind_of(self, source: str | None) -> str:
         """The kind for a given source; generic datasets decide from the files."""
@@ -169,6 +196,11 @@ class Dataset:
     def label_names(self, request: DataRequest) -> list[str]:
         """Class names, index = label, for classification datasets."""
         return []
+
+    def eval_splits(self, source: str | None) -> dict[str, str]:
+        """Held-out splits to evaluate on: DataRequest split name -> suffix of their metric keys
+        (MNLI: {"eval": "", "eval_mismatched": "_mismatched"})."""
+        return {"eval": ""}
 
     def records(self, request: DataRequest) -> Iterable[dict[str, Any]]:
         raise NotImplementedError(f"dataset plugin {self.name!r} does not implement records()")

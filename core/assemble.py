@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowmem import precision
-from lowmem.api import CLASSIFICATION, DataRequest, ModelRequest, Optimizer, OptimizerSettings
+from lowmem.api import (
+    CAUSAL_LM,
+    CHAT,
+    CLASSIFICATION,
+    REGRESSION,
+    SFT,
+    DataRequest,
+    ModelRequest,
+    Optimizer,
+    OptimizerSettings,
+)
 from lowmem.config import TrainConfig
 from lowmem.distributed import DistContext
 from lowmem.errors import ConfigError
@@ -35,6 +45,8 @@ class Run:
     data: DataSpec
     objective: str
     label_names: list[str]
+    kind: str  # the dataset's kind: TEXT, SFT, CHAT, CLASSIFICATION or REGRESSION
+    target_modules: tuple[str, ...]  # the layers LoRA adapts and GaLore projects
     optimizer_plugin: Optimizer
     model: torch.nn.Module  # the unwrapped model (what is saved)
     train_model: torch.nn.Module  # the model the loop calls (DDP-wrapped when data-parallel)
@@ -115,14 +127,14 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     from transformers.utils import logging as hf_logging
 
     from lowmem.data import DataSpec, dataset_kind, label_names
-    from lowmem.modeling import find_weights
+    from lowmem.modeling import choose_targets, find_weights
     from lowmem.tokenizer import load_tokenizer
 
     hf_logging.disable_progress_bar()  # lowmem shows its own progress; HF's bars would interleave
     device = choose_device(config.device, dist)
     dtype = precision.choose_dtype(config.dtype, device)
     optimizer_plugin = registry.optimizer(config.optimizer)
-    model_plugin = registry.model(config.model)
+    model_plugin = registry.model_for(config.model)
     cache_dir = Path(config.cache_dir)
 
     tokenizer = load_tokenizer(
@@ -133,21 +145,31 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
         dataset=registry.dataset(config.dataset), source=config.dataset_source, objective="",
         tokenizer=tokenizer, max_length=config.max_length, batch_size=config.batch_size,
         seed=config.seed, shuffle=config.shuffle, cache_dir=cache_dir,
-        rank=dist.rank, world_size=dist.world_size,
+        rank=dist.rank, world_size=dist.world_size, packing=config.packing,
     )
-    objective = model_plugin.objective(config.mode, dataset_kind(data))
-    data = dataclasses.replace(data, objective=objective)
-    labels = label_names(data) if objective == CLASSIFICATION else []
+    with registry.guard(data.dataset, "kind_of"):
+        kind = dataset_kind(data)
+    objective = model_plugin.objective(config.mode, kind)
+    data = dataclasses.replace(data, objective=objective, kind=kind)
+    labels = label_names(data) if objective == CLASSIFICATION and kind != REGRESSION else []
+    if objective == CAUSAL_LM and kind in (SFT, CHAT):
+        check_examples(data, say)
+    elif config.packing and objective != CAUSAL_LM:
+        say("note: --packing applies to causal language models; ignored")
 
     # The same seed before the model exists gives the same initial weights on every run and rank.
     seed_everything(config.seed)
     weights = find_weights(model_plugin, config.mode, config.model_path, config.test, say)
     with registry.guard(model_plugin, "build"):
         model = model_plugin.build(ModelRequest(
-            objective=objective, vocab_size=len(tokenizer), num_labels=len(labels), weights=weights,
+            objective=objective, vocab_size=len(tokenizer),
+            num_labels=1 if kind == REGRESSION else len(labels), weights=weights,
             pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
         ))
-    settings = optimizer_settings(config, objective, tuple(model_plugin.target_modules), dist.world_size)
+    if getattr(getattr(model, "config", None), "use_cache", None):
+        model.config.use_cache = False  # training keeps no key/value cache (and packing needs none)
+    targets = choose_targets(model, config.target_modules, model_plugin)
+    settings = optimizer_settings(config, objective, targets, dist.world_size)
     model = precision.cast_weights(model, dtype)
     with registry.guard(optimizer_plugin, "prepare_model"):
         model = optimizer_plugin.prepare_model(model, settings).to(device)
@@ -167,12 +189,33 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     )
     return Run(
         config=config, registry=registry, device=device, tokenizer=tokenizer, data=data, objective=objective,
-        label_names=labels, optimizer_plugin=optimizer_plugin, model=model,
+        label_names=labels, kind=kind, target_modules=targets, optimizer_plugin=optimizer_plugin, model=model,
         train_model=dist.wrap(model), trainable_parameters=[p for p in model.parameters() if p.requires_grad],
         optimizer=optimizer, scheduler=scheduler,
         scaler=precision.loss_scaler(dtype, device), total_steps=total, warmup_steps=warmup,
         steps_in_backward=steps_in_backward, dtype=dtype,
     )
+
+
+def check_examples(data: DataSpec, say) -> None:
+    """Prompt/completion and chat sets: give a chat template to tokenizers without one, and say
+    how many examples were cut to fit (or could not keep a single target token)."""
+    from lowmem import examples
+
+    if data.kind == CHAT and not data.tokenizer.chat_template:
+        say("note: the tokenizer has no chat template; using lowmem's default (<|role|> lines, "
+            "EOS ends a turn)")
+        data.tokenizer.chat_template = examples.DEFAULT_CHAT_TEMPLATE  # saved with the model
+    records = list(data.dataset.records(DataRequest("train", source=data.source, cache_dir=data.cache_dir)))
+    total, cut, empty = examples.survey(data.tokenizer, records, data.max_length)
+    what = "prompt" if data.kind == SFT else "conversation"
+    if cut:
+        say(f"note: {cut} of {total} training examples were longer than --max_length {data.max_length}; "
+            f"their {what} was cut to fit")
+    if empty == total:
+        raise ConfigError(f"no training example keeps a target token within --max_length {data.max_length}")
+    if empty:
+        say(f"note: {empty} training examples keep no target token within --max_length and are left out")
 
 
 def parameter_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

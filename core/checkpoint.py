@@ -164,6 +164,9 @@ def clean_folder(run_dir: Path) -> None:
 def export_model(run, directory: Path) -> None:
     """The trained model in Hugging Face format, written by the optimizer plugin (LoRA merges
     its adapters), with the tokenizer beside it."""
+    config = getattr(run.model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = True  # training switched it off; generation wants it
     with run.registry.guard(run.optimizer_plugin, "save_model"):
         run.optimizer_plugin.save_model(run.model, directory)
     run.tokenizer.save_pretrained(str(directory))

@@ -218,6 +218,11 @@ TRAIN_OPTIONS = (
                 "JSON GaLore settings", existing_file),
     TrainOption("optimizer_config_file", ("--optimizer-config", "--optimizer_config"), Path | None,
                 "JSON settings for any optimizer", existing_file),
+    TrainOption("target_modules", ("--target-modules", "--target_modules"), str,
+                "Layers for LoRA/GaLore: names (comma-separated), a regex, or all-linear "
+                "(default: the model's)"),
+    TrainOption("packing", ("--packing",), bool,
+                "Pack examples into full-length rows (attention stays within each example)"),
     TrainOption("test", ("--test",), str, "Smoke mode: ~1000 tokens or a few batches", boolean, "false"),
     TrainOption("dataset", ("--dataset",), str,
                 "A registered dataset, a local file or folder, or a hub id (default: per mode)"),

@@ -27,7 +27,7 @@ class TrainConfig:
 
     mode: str  # one of MODES
     optimizer: str  # a registered optimizer name
-    model: str  # a registered model name
+    model: str  # a registered model name, or a Hugging Face model folder or hub id
     # A registered dataset, a local file or folder, or a hub id; "" = the dataset plugins mark as
     # the default for the mode. Resolved into a registered name plus ``dataset_source``.
     dataset: str = ""
@@ -50,6 +50,11 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     seed: int = 42
+    # The layers LoRA adapts and GaLore projects: "" = the model's own (every linear layer of the
+    # transformer blocks for a Hugging Face folder), comma-separated names, a regular expression
+    # matched against qualified names, or "all-linear".
+    target_modules: str = ""
+    packing: bool = False  # pack LM/SFT/chat examples into full rows, attention kept per example
     test: bool = False  # smoke mode: ~1000 pretraining tokens at length <= 32, or 4 finetuning batches
     # JSON files read into the optimizer's settings (the seed's --lora_config / --galore_config
     # apply to optimizers that declare them in ``config_files``; the third to any optimizer).

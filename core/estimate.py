@@ -181,7 +181,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
     that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
     from lowmem.resolve import merge_layers, read_config_file
 
-    model_plugin = registry.model(model)
+    model_plugin = registry.model_for(model)
     if max_length > model_plugin.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows "
                           f"({model_plugin.max_positions} positions)")

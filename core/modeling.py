@@ -148,6 +148,8 @@ def find_weights(
     if model_path is not None:
         return model_path
     hub_id = model_plugin.pretrained_id
+    if hub_id is not None and Path(hub_id).is_dir():  # a model given as a folder: its own weights
+        return hub_id
     cached = cached_weights_folder(hub_id) if hub_id else None
     if cached is not None:
         return cached
@@ -167,3 +169,72 @@ def find_weights(
     )
 
 
+def hub_is_offline() -> bool:
+    import os
+
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+# -- which layers LoRA adapts and GaLore projects ------------------------------------------
+REGEX_CHARACTERS = set("*+?[](){}|^$\\")
+ALL_LINEAR = "all-linear"
+
+
+def is_matrix_layer(module: Any) -> bool:
+    """nn.Linear and GPT-2's Conv1D: the layers LoRA and GaLore work on."""
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def block_linear_names(model: Any) -> tuple[str, ...]:
+    """Names (relative to one block, e.g. ``self_attn.q_proj``) of every linear layer inside the
+    transformer blocks: the blocks are the longest ModuleList of the model's body, so embeddings,
+    poolers and heads are left out."""
+    import torch
+
+    body = getattr(model, "base_model", model)
+    lists = [m for m in body.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return ()
+    blocks = max(lists, key=len)
+    names: dict[str, None] = {}
+    for block in blocks:
+        for name, module in block.named_modules():
+            if name and is_matrix_layer(module):
+                names.setdefault(name, None)
+    return tuple(names)
+
+
+def choose_targets(model: Any, option: str, plugin: Model) -> tuple[str, ...]:
+    """The target layers for ``--target-modules``: empty -> the model plugin's own (or those it
+    finds on the model); ``all-linear`` -> every linear layer but the output head; a regular
+    expression -> the layers whose qualified names match it whole; else comma-separated names,
+    each matching a qualified name or its ending (peft's and Trainer's conventions)."""
+    import re
+
+    option = option.strip()
+    if not option:
+        return tuple(plugin.target_modules) or plugin.find_targets(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = [(n, m) for n, m in model.named_modules() if is_matrix_layer(m) and m is not head]
+    if option == ALL_LINEAR:
+        found = [n for n, _ in layers]
+    elif REGEX_CHARACTERS & set(option):
+        try:
+            pattern = re.compile(option)
+        except re.error as exc:
+            raise ConfigError(f"--target-modules {option!r} is not a valid regular expression: {exc}"
+                              ) from None
+        found = [n for n, _ in layers if pattern.fullmatch(n)]
+    else:
+        wanted = [name.strip() for name in option.split(",") if name.strip()]
+        found = [w for w in wanted if any(n == w or n.endswith("." + w) for n, _ in layers)]
+        missing = [w for w in wanted if w not in found]
+        if missing:
+            raise ConfigError(
+                f"--target-modules: no linear layer of this model is named {', '.join(missing)}")
+    if not found:
+        raise ConfigError(f"--target-modules {option!r} matches no linear layer of this model")
+    return tuple(found)

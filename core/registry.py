@@ -175,6 +175,19 @@ class Registry:
     def dataset(self, name: str) -> Dataset:
         return self.get("datasets", name)
 
+    def model_for(self, name: str) -> Model:
+        """The model registered as ``name``, else one a model plugin loads from ``name`` as a source
+        (``Model.from_source``: a Hugging Face folder or hub id)."""
+        if name in self.models:
+            return self.model(name)
+        for _, entry in sorted(self.models.items()):
+            found = entry.obj.from_source(name)
+            if found is not None:
+                return found
+        choices = ", ".join(sorted(self.models)) or "none registered"
+        raise ConfigError(f"unknown model {name!r}: not registered ({choices}), not a Hugging Face model "
+                          "folder, not a hub id")
+
     def default_dataset(self, mode: str) -> str:
         """The dataset a plugin marks as the default for ``mode`` (``Dataset.default_for``)."""
         for name, entry in sorted(self.datasets.items()):

@@ -43,10 +43,10 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
     for the cache folder when ``config.cache_dir`` is empty (default: this process's)."""
     check_values(config)
     optimizer = registry.optimizer(config.optimizer)
-    model = registry.model(config.model)
+    model = registry.model_for(config.model)
     dataset, source = resolve_dataset(config, registry)
     changes: dict[str, Any] = {"optimizer_config": merge_optimizer_config(optimizer, config, say),
-                               "dataset": dataset, "dataset_source": source}
+                               "dataset": dataset, "dataset_source": source, "model": model.name}
     if config.test:
         changes.update(test_caps(config, say))
     max_length = changes.get("max_length", config.max_length)
@@ -85,6 +85,9 @@ def resolve_dataset(config: TrainConfig, registry: Registry) -> tuple[str, str |
     if name in registry.datasets:
         registry.dataset(name)  # raises on a name two plugins claim
         return name, config.dataset_source  # a resolved config keeps its source
+    family, _, rest = name.partition("/")
+    if rest and family in registry.datasets and registry.dataset(family).takes_source:
+        return family, rest  # glue/mrpc: the glue dataset, task mrpc
     if Path(name).expanduser().exists():
         return GENERIC_FILES, str(Path(name).expanduser().resolve())
     if "/" in name or name in ("glue", "imdb", "ag_news", "wikitext"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lowmem import memory
-from lowmem.data import count_tokens
+from lowmem.data import count_tokens, model_inputs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -45,7 +45,7 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         # DDP all-reduces gradients only on the group's last backward.
         with dist.no_sync(run.train_model, sync=i == accum - 1):
             with run.autocast():
-                loss = run.train_model(**batch).loss
+                loss = run.train_model(**model_inputs(batch)).loss
             # An optimizer that updates inside backward must never see a non-finite loss, so it
             # is checked first: one host read per micro-batch, for such optimizers only.
             if run.steps_in_backward and not dist.all_true(torch.isfinite(loss), device):

@@ -45,6 +45,8 @@ def load_tokenizer(
     loaded = None
     if tokenizer is not None:
         loaded = _load_named(tokenizer, option="--tokenizer")
+    elif model_plugin.tokenizer_source() is not None:  # a model folder or hub id: its own tokenizer
+        loaded = _load_named(str(model_plugin.tokenizer_source()), option="--model")
     elif model_path is not None and (
         has_tokenizer_files(model_path) or not Path(model_path).expanduser().exists()
     ):

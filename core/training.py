@@ -232,7 +232,8 @@ def run_facts(job: Run, dist: DistContext, registry: Registry) -> dict[str, Any]
     return {
         "device": str(job.device), "resolved_dtype": job.dtype, "world_size": dist.world_size,
         "objective": job.objective, "total_steps": job.total_steps, "warmup_steps": job.warmup_steps,
-        "label_names": job.label_names, "optimizer_class": type(job.optimizer).__qualname__,
+        "label_names": job.label_names, "data_kind": job.kind, "target_modules": list(job.target_modules),
+        "optimizer_class": type(job.optimizer).__qualname__,
         "param_groups": parameter_groups(job.model, job.optimizer),
         "versions": library_versions(), "plugins": {p.name: p.origin for p in registry.plugins},
     }

@@ -10,8 +10,10 @@ BUILT_IN_MODULES = (
     "lowmem.plugins.models.llama",
     "lowmem.plugins.models.roberta",
     "lowmem.plugins.models.gpt2",
+    "lowmem.plugins.models.auto",
     "lowmem.plugins.datasets.stdlib_docs",
     "lowmem.plugins.datasets.stdlib_topics",
     "lowmem.plugins.datasets.files",
     "lowmem.plugins.datasets.hub",
+    "lowmem.plugins.datasets.glue",
 )

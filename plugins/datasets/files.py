@@ -1,10 +1,12 @@
-"""``files``: the user's own data, a file or a folder of .txt, .jsonl/.json, .csv or .parquet files.
+"""``files``: the user's own data, a file or a folder of .txt, .jsonl/.json, .csv/.tsv or .parquet
+files.
 
 * ``.txt``: one document per paragraph (text separated by blank lines), so a single large file
   still shuffles and splits at a useful granularity.
-* the other formats: one record per row; a ``text`` column is required. A ``label`` column (ints
-  or strings) makes the dataset a classification set; labels map to the index of their value in
-  the sorted list of all values.
+* the other formats: one record per row, in a layout recognised from the columns
+  (``layouts.py``: text, prompt/completion, messages, GLUE sentence pairs). A ``label`` column
+  of ints or strings makes a classification set (labels map to the index of their value in the
+  sorted list of all values), of floats a regression set.
 * eval split: in a folder, files named ``eval``/``valid``/``validation``/``test`` (e.g.
   ``validation.csv``, ``test-0.jsonl``); otherwise a fixed 5% of the text records (10% for
   classification), picked by a hash of the text so duplicates never straddle the split.
@@ -20,12 +22,15 @@ from typing import Any
 
 import lowmem
 from lowmem import ConfigError
+from lowmem.api import REGRESSION, TEXT
+from lowmem.plugins.datasets import layouts
 from lowmem.plugins.datasets.common import select_split, shuffled
 from lowmem.text import first_line
 
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+            ".parquet": "parquet"}
 EVAL_FILE = re.compile(r"^(eval|valid|validation|test)([-_.].*)?$", re.IGNORECASE)
-EVAL_FRACTION = {"text": 0.05, lowmem.CLASSIFICATION: 0.10}
+EVAL_FRACTION = {TEXT: 0.05}  # 10% for the other kinds
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,7 @@ class LoadedFiles:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]] | None  # None: no eval file, split train by hash
     label_names: list[str]
-
-    @property
-    def kind(self) -> str:
-        return lowmem.CLASSIFICATION if self.label_names else "text"
+    kind: str  # TEXT, SFT, CHAT, CLASSIFICATION or REGRESSION
 
 
 def data_files(source: str) -> tuple[list[Path], list[Path]]:
@@ -58,12 +60,15 @@ def data_files(source: str) -> tuple[list[Path], list[Path]]:
     return train, evals
 
 
-def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
-    """The rows of one file through ``datasets``; a ConfigError names the file and the problem."""
+def read_rows(path: Path, cache_dir: Path | None) -> tuple[str, list[dict[str, Any]]]:
+    """(layout, records) of one file, read through ``datasets``; a ConfigError names the file
+    and the problem."""
     import datasets
 
     builder = BUILDERS[path.suffix.lower()]
     options: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    if path.suffix.lower() == ".tsv":
+        options["sep"] = "\t"
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # lowmem shows its own progress; a bar per file is noise
     try:
@@ -82,49 +87,46 @@ def read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    if "text" not in table.column_names:
-        columns = ", ".join(table.column_names) or "none"
-        raise ConfigError(f"{path}: no 'text' column (columns: {columns})")
-    wanted = ["text", "label"] if "label" in table.column_names else ["text"]
-    rows = table.select_columns(wanted).to_list()
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row["text"], str):
-            raise ConfigError(f"{path}: row {number}: 'text' must be a string, got {row['text']!r}")
-        if "label" in row and (row["label"] is None or isinstance(row["label"], float | bool)):
-            raise ConfigError(
-                f"{path}: row {number}: 'label' must be an int or a string, got {row['label']!r}"
-            )
+    layout, fields = layouts.detect(list(table.column_names), str(path))
+    labelled = "label" in table.column_names and layout in (TEXT, "pair")
+    wanted = [*fields, "label"] if labelled else list(fields)
+    rows = layouts.records(table.select_columns(wanted).to_list(), layout, fields, str(path))
     if builder == "text":
         # Paragraphs keep the newlines around them; a document is the paragraph itself.
         rows = [{"text": row["text"].strip()} for row in rows]
-    return [row for row in rows if row["text"].strip()]
+    return layout, rows
 
 
 def load_files(source: str, cache_dir: Path | None) -> LoadedFiles:
     train_files, eval_files = data_files(source)
-    by_file = {path: read_rows(path, cache_dir) for path in [*train_files, *eval_files]}
-    labelled = {path for path, rows in by_file.items() if rows and "label" in rows[0]}
-    if labelled and labelled != {path for path, rows in by_file.items() if rows}:
-        unlabelled = sorted(str(p) for p in by_file if p not in labelled and by_file[p])
+    read = {path: read_rows(path, cache_dir) for path in [*train_files, *eval_files]}
+    seen = {layout for layout, _ in read.values()}
+    labelled = {path for path, (_, rows) in read.items() if rows and "label" in rows[0]}
+    if labelled and labelled != {path for path, (_, rows) in read.items() if rows}:
+        unlabelled = sorted(str(p) for p, (_, rows) in read.items() if p not in labelled and rows)
         raise ConfigError(
             f"{source}: some files have a 'label' column and some do not ({', '.join(unlabelled)})"
         )
+    if len(seen) > 1 and not (labelled and seen <= {TEXT, "pair"}):
+        raise ConfigError(f"{source}: the files mix layouts ({', '.join(sorted(seen))}); use one")
+    if "pair" in seen and not labelled:
+        raise ConfigError(f"{source}: sentence pairs need a 'label' column")
+    kind = next(iter(seen))
     names: list[str] = []
     if labelled:
-        values = {row["label"] for rows in by_file.values() for row in rows}
-        if len({type(v) for v in values}) > 1:
-            raise ConfigError(f"{source}: 'label' mixes numbers and strings")
-        ordered = sorted(values)
+        values = [row["label"] for _, rows in read.values() for row in rows]
+        kind = layouts.label_kind(values, f"{source}")
+        ordered = sorted(set(values)) if kind != REGRESSION else []
         index = {value: i for i, value in enumerate(ordered)}
         names = [str(value) for value in ordered]
-        for rows in by_file.values():
+        for _, rows in read.values():
             for row in rows:
-                row["label"] = index[row["label"]]
-    train = [row for path in train_files for row in by_file[path]]
-    evals = [row for path in eval_files for row in by_file[path]] if eval_files else None
+                row["label"] = float(row["label"]) if kind == REGRESSION else index[row["label"]]
+    train = [row for path in train_files for row in read[path][1]]
+    evals = [row for path in eval_files for row in read[path][1]] if eval_files else None
     if not train:
-        raise ConfigError(f"{source}: the training files hold no text")
-    return LoadedFiles(train=train, eval=evals, label_names=names)
+        raise ConfigError(f"{source}: the training files hold no examples")
+    return LoadedFiles(train=train, eval=evals, label_names=names, kind=kind)
 
 
 _loaded: dict[str, tuple[Any, LoadedFiles]] = {}
@@ -148,7 +150,7 @@ def _stamp(source: str) -> tuple[tuple[str, float, int], ...]:
 
 class Files(lowmem.Dataset):
     name = "files"
-    description = "local .txt/.jsonl/.csv/.parquet files or a folder of them (--dataset PATH)"
+    description = "local .txt/.jsonl/.json/.csv/.tsv/.parquet files or a folder of them (--dataset PATH)"
     kind = "text"
 
     def kind_of(self, source: str | None) -> str:
@@ -162,9 +164,8 @@ class Files(lowmem.Dataset):
         if data.eval is not None:
             rows = data.train if request.split == "train" else data.eval
         else:
-            rows = select_split(
-                data.train, request.split, EVAL_FRACTION[data.kind], key=lambda row: row["text"]
-            )
+            rows = select_split(data.train, request.split, EVAL_FRACTION.get(data.kind, 0.10),
+                                key=layouts.split_key)
         return (dict(row) for row in shuffled(rows, request.seed, request.epoch))
 
 

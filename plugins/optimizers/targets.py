@@ -18,17 +18,23 @@ def backbone(model: Any) -> Any:
     return model if body is None else body
 
 
+def named(qualified: str, names: tuple[str, ...]) -> bool:
+    """Whether a module's qualified name is one of ``names`` or ends with ``.<name>`` (peft's rule)."""
+    return any(qualified == name or qualified.endswith("." + name) for name in names)
+
+
 def target_modules(model: Any, names: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:
-    """``(qualified name, module)`` for modules of the backbone whose last name is in ``names``
-    and that hold a 2-D weight: ``nn.Linear`` and GPT-2's ``Conv1D`` (whose weight is
-    (in, out)); embeddings are never targets."""
-    wanted = set(names)
+    """``(qualified name, module)`` for modules of the backbone named by ``names`` (a name
+    matches a qualified name or its ending: ``q_proj``, ``self_attn.q_proj``) and that hold a
+    2-D weight: ``nn.Linear`` and GPT-2's ``Conv1D`` (whose weight is (in, out)); embeddings are
+    never targets."""
+    wanted = tuple(names)
     body_ids = {id(m) for m in backbone(model).modules()}
     found = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if (
-            name.rsplit(".", 1)[-1] in wanted
+            named(name, wanted)
             and id(module) in body_ids
             and weight is not None
             and weight.dim() == 2
@@ -41,11 +47,10 @@ def target_modules(model: Any, names: tuple[str, ...] | list[str]) -> list[tuple
 def head_modules(model: Any, names: tuple[str, ...] | list[str]) -> list[str]:
     """Qualified names of modules called like a target but outside the backbone (heads)."""
     inside = {name for name, _ in target_modules(model, names)}
-    wanted = set(names)
     return [
         name
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in wanted
+        if named(name, tuple(names))
         and name not in inside
         and getattr(module, "weight", None) is not None
     ]

@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +19,7 @@ from lowmem.cli_options import (
     LowmemGroup,
     Opt,
     config_from_options,
+    existing_file,
     exit_on_error,
     positive_int,
     with_parameters,
@@ -125,6 +127,26 @@ def plugins() -> None:
     """Every loaded plugin: where it comes from, its hooks, and whether it loaded."""
     rows = [(info.name, info.origin, ", ".join(info.hooks), info.status) for info in get_registry().plugins]
     print_rows("plugins", ("name", "from", "hooks", "status"), rows)
+
+
+@app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (with model/)")],
+    prompt: Annotated[str | None, Opt("--prompt", help="The text to continue or answer")] = None,
+    messages: Annotated[Path | None, Opt("--messages", callback=existing_file,
+                                         help="A JSON file of {role, content} messages")] = None,
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", callback=positive_int)] = 64,
+) -> None:
+    """Let a finished run's model answer a prompt (chat runs: in their chat template)."""
+    with exit_on_error():
+        from lowmem.errors import ConfigError
+        from lowmem.generate import generate as answer
+        from lowmem.generate import read_messages
+
+        if (prompt is None) == (messages is None):
+            raise ConfigError("give --prompt or --messages (one of them)")
+        conversation = read_messages(Path(messages)) if messages is not None else None
+        typer.echo(answer(run_dir, prompt, conversation, max_new_tokens))
 
 
 @config_app.command("show", cls=LowmemCommand)

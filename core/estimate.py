@@ -28,6 +28,7 @@ from typing import Any
 
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
+from lowmem.modeling import choose_targets
 from lowmem.precision import DTYPE_BYTES, cast_weights, uses_autocast, weight_bytes_per_element
 
 GENERIC_GUESS = "generic AdamW-like guess"
@@ -134,14 +135,14 @@ def estimate(
         config["per_layer"] = True
     optimizer_plugin.check_config(config)
     per_layer = bool(config.get("per_layer", False))
-    settings = OptimizerSettings(
-        lr=1e-3, config=config, target_modules=tuple(model_plugin.target_modules), objective=objective,
-        grad_accum=grad_accum, max_grad_norm=0.0,
-    )
     model = model_plugin.build(ModelRequest(
         objective=objective, vocab_size=model_plugin.vocab_size,
         num_labels=2 if objective == CLASSIFICATION else 0, device="meta",
     ))
+    settings = OptimizerSettings(
+        lr=1e-3, config=config, target_modules=choose_targets(model, "", model_plugin), objective=objective,
+        grad_accum=grad_accum, max_grad_norm=0.0,
+    )
     model = optimizer_plugin.prepare_model(cast_weights(model, dtype), settings)
 
     parameters = list(model.parameters())  # a tied weight appears once

@@ -54,6 +54,11 @@ def _bos(tokenizer: Any) -> list[int]:
     return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt as training saw it before its completion: [BOS] prompt."""
+    return _bos(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def encode_completion(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Example:
     """[BOS] prompt completion EOS, the loss on completion and EOS; a prompt too long is cut from
     its start (the end, next to the completion, matters most), never the completion."""

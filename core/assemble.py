@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowmem import precision
+from lowmem import levers, precision
 from lowmem.api import (
     CAUSAL_LM,
     CHAT,
@@ -171,6 +171,8 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     targets = choose_targets(model, config.target_modules, model_plugin)
     settings = optimizer_settings(config, objective, targets, dist.world_size)
     model = precision.cast_weights(model, dtype)
+    if config.activation_checkpointing:
+        levers.enable_checkpointing(model)
     with registry.guard(optimizer_plugin, "prepare_model"):
         model = optimizer_plugin.prepare_model(model, settings).to(device)
     with registry.guard(optimizer_plugin, "build"):
@@ -187,10 +189,13 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, warmup, config.tmax, config.min_lr_ratio)
     )
+    train_model = dist.wrap(model)  # compile the wrapped model: DDP's hooks stay outside the graph
+    if config.compile:
+        train_model = levers.compile_model(train_model, device)
     return Run(
         config=config, registry=registry, device=device, tokenizer=tokenizer, data=data, objective=objective,
         label_names=labels, kind=kind, target_modules=targets, optimizer_plugin=optimizer_plugin, model=model,
-        train_model=dist.wrap(model), trainable_parameters=[p for p in model.parameters() if p.requires_grad],
+        train_model=train_model, trainable_parameters=[p for p in model.parameters() if p.requires_grad],
         optimizer=optimizer, scheduler=scheduler,
         scaler=precision.loss_scaler(dtype, device), total_steps=total, warmup_steps=warmup,
         steps_in_backward=steps_in_backward, dtype=dtype,

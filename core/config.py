@@ -55,6 +55,8 @@ class TrainConfig:
     # matched against qualified names, or "all-linear".
     target_modules: str = ""
     packing: bool = False  # pack LM/SFT/chat examples into full rows, attention kept per example
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+    compile: bool = False  # torch.compile the model (inductor)
     test: bool = False  # smoke mode: ~1000 pretraining tokens at length <= 32, or 4 finetuning batches
     # JSON files read into the optimizer's settings (the seed's --lora_config / --galore_config
     # apply to optimizers that declare them in ``config_files``; the third to any optimizer).

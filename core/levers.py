@@ -1,0 +1,40 @@
+"""Memory levers besides the optimizer, switched on by the config: activation checkpointing
+(recompute each transformer block in backward) and ``torch.compile``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowmem.errors import ConfigError
+
+
+def enable_checkpointing(model: Any) -> None:
+    """The model's own gradient checkpointing, non-reentrant: it recomputes each block in
+    backward with the RNG state of the forward, so losses are bitwise those of a run without it,
+    and it needs no inputs that require grad (LoRA's frozen embeddings are fine)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        name = type(model).__name__
+        raise ConfigError(f"--activation-checkpointing: {name} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_model(model: Any, device: Any) -> Any:
+    """``torch.compile`` with inductor; refused clearly where this torch cannot compile."""
+    import torch
+
+    if not hasattr(torch, "compile"):
+        raise ConfigError("--compile needs torch.compile (torch >= 2.0)")
+    try:
+        from torch._inductor import config as _inductor_config  # noqa: F401 - is inductor there?
+    except ImportError as exc:
+        raise ConfigError(f"--compile: this torch has no inductor backend ({exc})") from None
+    if device.type == "cpu" and not _cpu_compiler_available():
+        raise ConfigError("--compile on CPU needs a C++ compiler (inductor generates C++); install g++ "
+                          "or drop --compile")
+    return torch.compile(model)
+
+
+def _cpu_compiler_available() -> bool:
+    import shutil
+
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))

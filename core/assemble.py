@@ -60,6 +60,8 @@ class Run:
     steps_in_backward: bool
     dtype: str  # the resolved --dtype: bf16, fp16, fp32 or bf16-pure
     grad_bytes: int = 0  # gradient memory, measured at the first step
+    # --lean-loss: (parent module, attribute, head) of the output layer the chunked loss replaces.
+    lean_head: tuple[Any, str, Any] | None = None
 
     def autocast(self) -> Any:
         return precision.autocast(self.dtype, self.device)
@@ -192,13 +194,14 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     train_model = dist.wrap(model)  # compile the wrapped model: DDP's hooks stay outside the graph
     if config.compile:
         train_model = levers.compile_model(train_model, device)
+    lean_head = levers.lean_loss_head(model, objective, say) if config.lean_loss else None
     return Run(
         config=config, registry=registry, device=device, tokenizer=tokenizer, data=data, objective=objective,
         label_names=labels, kind=kind, target_modules=targets, optimizer_plugin=optimizer_plugin, model=model,
         train_model=train_model, trainable_parameters=[p for p in model.parameters() if p.requires_grad],
         optimizer=optimizer, scheduler=scheduler,
         scaler=precision.loss_scaler(dtype, device), total_steps=total, warmup_steps=warmup,
-        steps_in_backward=steps_in_backward, dtype=dtype,
+        steps_in_backward=steps_in_backward, dtype=dtype, lean_head=lean_head,
     )
 
 

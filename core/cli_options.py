@@ -226,6 +226,8 @@ TRAIN_OPTIONS = (
     TrainOption("activation_checkpointing", ("--activation-checkpointing", "--gradient-checkpointing"), bool,
                 "Recompute each transformer block in backward: less activation memory, ~30% more compute"),
     TrainOption("compile", ("--compile",), bool, "torch.compile the model (inductor)"),
+    TrainOption("lean_loss", ("--lean-loss",), bool,
+                "Causal LMs: compute the loss in chunks, never the whole batch's logits"),
     TrainOption("test", ("--test",), str, "Smoke mode: ~1000 tokens or a few batches", boolean, "false"),
     TrainOption("dataset", ("--dataset",), str,
                 "A registered dataset, a local file or folder, or a hub id (default: per mode)"),

@@ -57,6 +57,8 @@ class TrainConfig:
     packing: bool = False  # pack LM/SFT/chat examples into full rows, attention kept per example
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     compile: bool = False  # torch.compile the model (inductor)
+    # Causal LMs: the loss a chunk of tokens at a time, never the whole batch's fp32 logits.
+    lean_loss: bool = False
     test: bool = False  # smoke mode: ~1000 pretraining tokens at length <= 32, or 4 finetuning batches
     # JSON files read into the optimizer's settings (the seed's --lora_config / --galore_config
     # apply to optimizers that declare them in ``config_files``; the third to any optimizer).

@@ -18,6 +18,17 @@ def enable_checkpointing(model: Any) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def lean_loss_head(model: Any, objective: str, say: Any) -> tuple[Any, str, Any] | None:
+    """Where the lean loss takes over (``lowmem.lean_loss``), or None with a note where it cannot."""
+    from lowmem.api import CAUSAL_LM
+    from lowmem.lean_loss import output_head
+
+    found = output_head(model) if objective == CAUSAL_LM else None
+    if found is None:
+        say("note: --lean-loss applies to causal LMs with a plain linear output layer; using the usual loss")
+    return found
+
+
 def compile_model(model: Any, device: Any) -> Any:
     """``torch.compile`` with inductor; refused clearly where this torch cannot compile."""
     import torch

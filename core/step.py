@@ -44,8 +44,7 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # DDP all-reduces gradients only on the group's last backward.
         with dist.no_sync(run.train_model, sync=i == accum - 1):
-            with run.autocast():
-                loss = run.train_model(**model_inputs(batch)).loss
+            loss = forward_loss(run, batch)
             # An optimizer that updates inside backward must never see a non-finite loss, so it
             # is checked first: one host read per micro-batch, for such optimizers only.
             if run.steps_in_backward and not dist.all_true(torch.isfinite(loss), device):
@@ -87,3 +86,18 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
     if not (run.scaler.is_enabled() and run.scaler.get_scale() < scale_before):
         run.scheduler.step()
     return StepResult(mean_loss, int(step_tokens), grad_norm, lr, None, bool(stop))
+
+
+def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's loss on a batch; with the lean loss, from its hidden states, chunk by chunk."""
+    if run.lean_head is None:
+        with run.autocast():
+            return run.train_model(**model_inputs(batch)).loss
+    from lowmem.lean_loss import chunked_causal_lm_loss, hidden_states_out
+
+    parent, attribute, head = run.lean_head
+    inputs = model_inputs(batch)
+    labels = inputs.pop("labels")
+    with hidden_states_out(parent, attribute), run.autocast():
+        hidden = run.train_model(**inputs).logits
+    return chunked_causal_lm_loss(hidden, head, labels)

@@ -44,3 +44,42 @@ def test_compile_without_inductor_is_refused_in_one_line(cli, tmp_path, monkeypa
                  "--output-dir", str(tmp_path / "run"))
     assert result.exit_code == 2 and "--compile" in result.output and "inductor" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lean_loss_equals_the_plain_loss_and_gradients(family):
+    """Chunked (chunks of 7 tokens, vocab 384) against transformers' own loss, fp32."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lowmem.lean_loss import chunked_causal_lm_loss, hidden_states_out, output_head
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=384))
+    else:  # tied input/output embeddings
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=384, n_positions=64))
+    model.eval()  # no dropout: both forwards must see the same network
+    ids = torch.randint(0, 384, (3, 20))
+    labels = ids.masked_fill(torch.rand(3, 20) < 0.3, -100)
+    plain = model(input_ids=ids, labels=labels).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    parent, attribute, head = output_head(model)
+    with hidden_states_out(parent, attribute):
+        hidden = model(input_ids=ids).logits
+    lean = chunked_causal_lm_loss(hidden, head, labels, chunk=7)
+    lean.backward()
+    assert torch.allclose(lean, plain, rtol=1e-6, atol=0)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], rtol=1e-5, atol=1e-7), name
+    assert model.get_output_embeddings() is head  # the head is back in place
+
+
+def test_lean_loss_trains_like_the_plain_loss(tiny_registry, tmp_path):
+    plain = run(tiny_registry, tmp_path, "plain")
+    lean = run(tiny_registry, tmp_path, "lean", lean_loss=True)
+    for (a, _), (b, _) in zip(plain, lean, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)

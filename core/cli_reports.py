@@ -47,8 +47,17 @@ def estimate(
         "--optimizer-config", "--optimizer_config", callback=existing_file,
         help="JSON settings overriding the optimizer's defaults")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table")] = False,
+    checkpointing: Annotated[bool, Opt("--activation-checkpointing",
+                                       help="With activation checkpointing")] = False,
+    lean_loss: Annotated[bool, Opt("--lean-loss", help="With the chunked causal-LM loss")] = False,
+    gpu_memory: Annotated[str | None, Opt(
+        "--gpu-memory", "--gpu_memory", callback=size,
+        help="What fits: the largest batch per optimizer, e.g. 24GiB")] = None,
 ) -> None:
-    """Estimate the memory training MODEL takes with each optimizer, without training (meta device)."""
+    """Estimate the memory training MODEL takes with each optimizer, without training (meta device).
+
+    With --gpu-memory: the largest batch at --max_length that fits, per optimizer, with and without
+    activation checkpointing."""
     with exit_on_error():
         from lowmem.estimate import estimate_many
         from lowmem.estimate_report import print_estimates
@@ -56,17 +65,25 @@ def estimate(
 
         if optimizer is not None and all_optimizers:
             raise ConfigError("give --optimizer or --all, not both")
-        results = estimate_many(
-            get_registry(), model, optimizer, mode=mode, batch_size=batch_size, max_length=max_length,
-            dtype=dtype, per_layer=per_layer, grad_accum=grad_accum, optimizer_config_file=optimizer_config,
-        )
+        options = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                       per_layer=per_layer, grad_accum=grad_accum, optimizer_config_file=optimizer_config,
+                       lean_loss=lean_loss)
+        if gpu_memory is not None:
+            from lowmem.estimate_report import print_fits
+
+            plain = estimate_many(get_registry(), model, optimizer, checkpointing=False, **options)
+            recomputed = estimate_many(get_registry(), model, optimizer, checkpointing=True, **options)
+            print_fits(plain, recomputed, cast(int, gpu_memory), as_json=as_json)
+            return
+        results = estimate_many(get_registry(), model, optimizer, checkpointing=checkpointing, **options)
         # The size callback turned the text into bytes.
         print_estimates(results, cast("int | None", device_memory), as_json=as_json)
 
 
 COMPARE_OPTIONS = (
     inspect.Parameter("optimizers", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-        str, Opt("--optimizers", help="Comma-separated optimizers, e.g. baseline,lora,galore")]),
+        str, Opt("--optimizers", help="Comma-separated optimizers, e.g. baseline,lora,galore; "
+                 "'all': every installed optimizer")]),
     inspect.Parameter("output_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
         Path, Opt("--output-dir", "--output_dir",
                   help="Parent folder: one run folder per optimizer, plus compare.json/.md/.png")]),
@@ -76,31 +93,34 @@ COMPARE_OPTIONS = (
 @reports_app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @with_parameters(*COMPARE_OPTIONS, leave_out=("optimizer", "output_dir", "resume"))
 def compare(**options: Any) -> None:
-    """Train with several optimizers under the same settings and compare them.
+    """Train with several optimizers under the same settings and compare them, sorted by peak memory.
 
     Takes every `lowmem train` option (--mode, --model, budgets, config files, ...)."""
     from lowmem.compare import parse_optimizer_list
 
     try:
-        names = parse_optimizer_list(options.pop("optimizers"))
+        asked = parse_optimizer_list(options.pop("optimizers"))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--optimizers") from None
     parent: Path = options.pop("output_dir")
     with exit_on_error():
-        from lowmem.compare import print_table, run_all, write_reports
+        from lowmem.compare import by_peak_memory, optimizer_names, print_table, run_all, write_reports
         from lowmem.plots import write_compare_plot
         from lowmem.registry import get_registry
 
         registry = get_registry()
-        for name in names:
-            registry.optimizer(name)  # unknown names fail before anything trains
+        names, skipped = optimizer_names(asked, registry)  # unknown names fail before anything trains
+        for name in skipped:
+            typer.echo(f"compare: {name} left out: {registry.optimizers[name].obj.description}", err=True)
+        if not names:
+            raise ConfigError("no installed optimizer to compare")
         base = config_from_options(options, optimizer=names[0])
         parent.mkdir(parents=True, exist_ok=True)
         reference = registry.reference_optimizer()
         runs = run_all(base, names, parent, registry)
         write_reports(parent, runs, base, reference)
         print_table(runs, f"lowmem compare: {base.model} ({base.mode})", reference)
-        write_compare_plot(runs, parent / "compare.png")
+        write_compare_plot(by_peak_memory(runs), parent / "compare.png")
         typer.echo(f"wrote compare.json, compare.md, compare.png in {parent}")
         if all(r.result is None for r in runs):
             raise typer.Exit(1)

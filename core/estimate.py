@@ -22,10 +22,11 @@ What lowmem's training loop holds, and so what is counted here:
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowmem.activations import activation_bytes
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
 from lowmem.modeling import choose_targets
@@ -33,26 +34,6 @@ from lowmem.precision import DTYPE_BYTES, cast_weights, uses_autocast, weight_by
 
 GENERIC_GUESS = "generic AdamW-like guess"
 FRAMEWORK_OVERHEAD = 0.10
-# Bytes per token per layer that autograd saves at 16-bit autocast, as
-# (per hidden unit, per intermediate unit, per head and attended position, constant).
-# Calibrated by counting the tensors transformers 5 (sdpa attention) hands to
-# torch.autograd.graph.saved_tensors_hooks: LLaMA's sdpa path keeps q, k, v and the output in
-# 16 bits and a fp32 log-sum-exp per head, so no seq x seq term; GPT-2 and RoBERTa take the
-# math path and keep three fp32 seq x seq score tensors per head.
-ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float]] = {
-    "llama": (34, 8, 0, 8),  # + 4 bytes per head (fp32 log-sum-exp), added below
-    "gpt2": (54, 4, 12, 16),  # GPT-2's MLP is 4h wide: 54h + 4*(4h) = 70h measured
-    "roberta": (34, 4, 12, 16),
-}
-FALLBACK_FAMILY = "gpt2"  # the largest coefficients: unknown architectures are not underestimated
-ACTIVATION_FORMULA = (
-    "activations per layer and token (16-bit autocast): LLaMA 34h + 8i + 4a + 8 bytes; "
-    "GPT-2 70h + 12as + 16; RoBERTa 34h + 4i + 12as + 16 (h hidden, i intermediate, a heads, "
-    "s length; counted from the tensors autograd saves); x2 without autocast (fp32); plus the "
-    "loss: fp32 logits, their log-softmax and gradient, 12 bytes per token and vocabulary entry"
-)
-
-
 @dataclass
 class Breakdown:
     """Bytes per category for one model and optimizer; ``rows()`` gives them in display order."""
@@ -71,6 +52,17 @@ class Breakdown:
     per_layer: bool
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    model_config: Any = None  # the architecture's config, for at_batch
+
+    def at_batch(self, batch_size: int) -> Breakdown:
+        """The same run at another batch size: only the activations (and the overhead on them)
+        change."""
+        s = self.settings
+        activations = activation_bytes(self.model_config, batch_size, s["max_length"], s["dtype"],
+                                       s["objective"], s["activation_checkpointing"], s["lean_loss"])
+        subtotal = self.weights + self.gradients + self.optimizer_states + self.weight_copies + activations
+        return dataclasses.replace(self, activations=activations, overhead=int(FRAMEWORK_OVERHEAD * subtotal),
+                                   settings={**s, "batch_size": batch_size})
 
     @property
     def weight_dtype(self) -> str:
@@ -120,6 +112,8 @@ def estimate(
     optimizer_config: dict[str, Any] | None,
     per_layer: bool,
     grad_accum: int = 1,
+    checkpointing: bool = False,
+    lean_loss: bool = False,
 ) -> Breakdown:
     """The memory breakdown of training ``model_plugin`` with ``optimizer_plugin``.
 
@@ -159,7 +153,7 @@ def estimate(
         notes.append(f"optimizer states: {GENERIC_GUESS} (two fp32 moments per trainable parameter)")
     copies = autocast_weight_copy_bytes(model, dtype)
     activations = activation_bytes(model.config if hasattr(model, "config") else None, batch_size,
-                                   max_length, dtype, objective)
+                                   max_length, dtype, objective, checkpointing, lean_loss)
     subtotal = weights + gradients + state + copies + activations
     if mode == "finetuning" and objective != CLASSIFICATION:
         notes.append("finetuning a language model: activations as for pretraining")
@@ -168,16 +162,18 @@ def estimate(
         total_params=sum(p.numel() for p in parameters), trainable_params=sum(p.numel() for p in trainable),
         weights=weights, gradients=gradients, optimizer_states=int(state), weight_copies=copies,
         activations=activations, overhead=int(FRAMEWORK_OVERHEAD * subtotal), state_source=state_source,
-        per_layer=per_layer, notes=notes,
+        per_layer=per_layer, notes=notes, model_config=getattr(model, "config", None),
         settings={"mode": mode, "objective": objective, "batch_size": batch_size, "max_length": max_length,
                   "dtype": dtype, "grad_accum": grad_accum, "optimizer_config": config,
+                  "activation_checkpointing": checkpointing, "lean_loss": lean_loss,
                   "torch": torch.__version__},
     )
 
 
 def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str, batch_size: int,
                   max_length: int, dtype: str, per_layer: bool, grad_accum: int,
-                  optimizer_config_file: Any = None) -> dict[str, Breakdown | str]:
+                  optimizer_config_file: Any = None, checkpointing: bool = False,
+                  lean_loss: bool = False) -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
     that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
     from lowmem.resolve import merge_layers, read_config_file
@@ -197,13 +193,31 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
             results[name] = estimate(
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
                 max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
-                per_layer=per_layer, grad_accum=grad_accum,
+                per_layer=per_layer, grad_accum=grad_accum, checkpointing=checkpointing, lean_loss=lean_loss,
             )
         except ConfigError as exc:
             if optimizer is not None:
                 raise
             results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
     return results
+
+
+def largest_batch(breakdown: Breakdown, device_bytes: int, limit: int = 1 << 16) -> int:
+    """The largest batch size ``b`` whose estimate fits in ``device_bytes`` (0: not even batch 1),
+    up to ``limit``. The total grows with the batch: a doubling search, then a bisection."""
+
+    def fit(batch_size: int) -> Breakdown:
+        return breakdown.at_batch(batch_size)
+
+    if fit(1).total > device_bytes:
+        return 0
+    low, high = 1, 2
+    while high <= limit and fit(high).total <= device_bytes:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fit(middle).total <= device_bytes else (low, middle)
+    return low
 
 
 def autocast_weight_copy_bytes(model: Any, dtype: str) -> int:
@@ -220,44 +234,6 @@ def autocast_weight_copy_bytes(model: Any, dtype: str) -> int:
         if is_matmul and isinstance(weight, torch.Tensor):
             seen[id(weight)] = weight.numel() * DTYPE_BYTES[dtype]
     return sum(seen.values())
-
-
-def activation_bytes(config: Any, batch_size: int, max_length: int, dtype: str, objective: str) -> int:
-    """Bytes of the tensors autograd keeps from the forward for the backward, at their peak.
-
-    Per layer and token (16-bit autocast), from ``ACTIVATION_COEFFICIENTS``:
-    ``c_h*h + c_i*i + c_a*a*s + c`` (+ 4a for LLaMA's fp32 log-sum-exp), where h is the hidden
-    size, i the MLP width, a the heads and s the sequence length. Without autocast (fp32) the
-    16-bit tensors are fp32: twice the bytes. Plus the embeddings and the loss: about 11h per
-    token, and for a language model the fp32 logits, their log-softmax and gradient (12 bytes
-    per token and vocabulary entry; a classifier's logits are negligible).
-    """
-    if config is None:
-        return 0
-    family = getattr(config, "model_type", "") or ""
-    c_h, c_i, c_a, constant = ACTIVATION_COEFFICIENTS.get(family, ACTIVATION_COEFFICIENTS[FALLBACK_FAMILY])
-    hidden = _config_value(config, "hidden_size", "n_embd")
-    layers = _config_value(config, "num_hidden_layers", "n_layer")
-    heads = _config_value(config, "num_attention_heads", "n_head")
-    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-                    or 4 * hidden)
-    per_token_layer = c_h * hidden + c_i * intermediate + c_a * heads * max_length + constant
-    if family == "llama":
-        per_token_layer += 4 * heads
-    tokens = batch_size * max_length
-    scale = 2 if dtype == "fp32" else 1
-    body = scale * layers * tokens * per_token_layer + tokens * 11 * hidden
-    vocab = getattr(config, "vocab_size", 0) or 0
-    loss = 12 * tokens * vocab if objective != CLASSIFICATION else 0
-    return int(math.ceil(body + loss))
-
-
-def _config_value(config: Any, *names: str) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ConfigError(f"model config has none of {', '.join(names)}: cannot estimate activations")
 
 
 def state_reduction(state_bytes: int, trainable_params: int, bytes_per_moment: int = 2) -> float:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lowmem.estimate import ACTIVATION_FORMULA, FRAMEWORK_OVERHEAD, Breakdown
+from lowmem.activations import ACTIVATION_FORMULA
+from lowmem.estimate import FRAMEWORK_OVERHEAD, Breakdown
 from lowmem.text import format_bytes
 
 
@@ -73,3 +74,59 @@ def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | Non
             console.print(f"n/a for {name}: {r}", markup=False)
     for line in footnotes(results):
         console.print(f"* {line}", markup=False, highlight=False)
+
+
+def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | str],
+         device_bytes: int) -> list[dict[str, object]]:
+    """Per optimizer: the largest batch that fits without and with activation checkpointing
+    (0: not even batch 1), or why the optimizer does not apply."""
+    from lowmem.estimate import largest_batch
+
+    rows: list[dict[str, object]] = []
+    for name, result in plain.items():
+        other = recomputed[name]
+        if not isinstance(result, Breakdown) or not isinstance(other, Breakdown):
+            rows.append({"optimizer": name, "error": result if isinstance(result, str) else other})
+            continue
+        rows.append({"optimizer": name, "largest_batch": largest_batch(result, device_bytes),
+                     "largest_batch_checkpointing": largest_batch(other, device_bytes),
+                     "total_at_batch_1": result.at_batch(1).total,
+                     "total_at_batch_1_checkpointing": other.at_batch(1).total})
+    return rows
+
+
+def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | str], device_bytes: int,
+               as_json: bool = False) -> None:
+    """``lowmem estimate --gpu-memory``: what fits, as a table or JSON."""
+    import json
+
+    rows = fits(plain, recomputed, device_bytes)
+    first = next((r for r in plain.values() if isinstance(r, Breakdown)), None)
+    length = first.settings["max_length"] if first else 0
+    if as_json:
+        print(json.dumps({"device_memory": device_bytes, "max_length": length, "optimizers": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    from lowmem.progress import results_console
+
+    model = first.model if first else ""
+    table = Table(title=f"what fits in {format_bytes(device_bytes)}: {model}, batches of {length} tokens, "
+                        f"{first.settings['dtype'] if first else ''}")
+    for column in ("optimizer", "largest batch", "with checkpointing", "at batch 1"):
+        table.add_column(column, justify="left" if column == "optimizer" else "right")
+    for row in rows:
+        if "error" in row:
+            table.add_row(str(row["optimizer"]), "n/a", "n/a", str(row["error"]))
+            continue
+        cells = [_batch(row["largest_batch"]), _batch(row["largest_batch_checkpointing"])]
+        needed = format_bytes(int(row["total_at_batch_1_checkpointing"]))  # type: ignore[call-overload]
+        table.add_row(str(row["optimizer"]), *cells, "cannot fit" if not row["largest_batch_checkpointing"]
+                      else f"needs {needed}")
+    results_console().print(table)
+    results_console().print("* estimates include weights, gradients, optimizer states, activations and a 10% "
+                            "allowance; 0 = not even batch 1", markup=False, highlight=False)
+
+
+def _batch(value: object) -> str:
+    return "[red]0 (cannot fit)[/red]" if value == 0 else str(value)

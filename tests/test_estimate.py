@@ -219,3 +219,44 @@ def test_cli_json_and_errors(cli, tmp_path):
     assert cli("estimate", "--model", "tiny-llama", "--optimizer", "lora", "--per-layer").exit_code == 2
     assert cli("estimate", "--model", "tiny-llama", "--device-memory", "lots").exit_code == 2
     assert cli("estimate", "--model", "nope").exit_code == 2
+
+
+def test_gpu_memory_picks_the_largest_batch_the_estimate_says_fits(cli, tiny_registry):
+    from lowmem.estimate import estimate_many
+
+    result = cli("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--max-length", "64",
+                 "--gpu-memory", "64MiB", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)["optimizers"][0]
+    options = dict(mode="pretraining", max_length=64, dtype="bf16", per_layer=False, grad_accum=1)
+    for key, checkpointing in (("largest_batch", False), ("largest_batch_checkpointing", True)):
+        batch = row[key]
+        assert batch >= 1
+        fits = estimate_many(tiny_registry, "tiny-llama", "baseline", batch_size=batch,
+                             checkpointing=checkpointing, **options)["baseline"]
+        bigger = estimate_many(tiny_registry, "tiny-llama", "baseline", batch_size=batch + 1,
+                               checkpointing=checkpointing, **options)["baseline"]
+        assert fits.total <= 64 * 2**20 < bigger.total
+    assert row["largest_batch_checkpointing"] > row["largest_batch"]
+
+
+def test_gpu_memory_marks_what_cannot_fit_and_refuses_bad_sizes(cli):
+    args = ("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--max-length", "64")
+    result = cli(*args, "--gpu-memory", "1KiB", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["optimizers"][0]["largest_batch"] == 0
+    table = cli(*args, "--gpu-memory", "1KiB")
+    assert "cannot fit" in table.output
+    bad = cli("estimate", "--model", "tiny-llama", "--gpu-memory", "lots")
+    assert bad.exit_code == 2 and "not a size" in bad.output and "Traceback" not in bad.output
+
+
+def test_checkpointing_and_lean_loss_shrink_the_activation_estimate(tiny_registry):
+    from lowmem.estimate import estimate_many
+
+    options = dict(mode="pretraining", batch_size=8, max_length=128, dtype="fp32", per_layer=False,
+                   grad_accum=1)
+    plain = estimate_many(tiny_registry, "tiny-llama", "baseline", **options)["baseline"]
+    both = estimate_many(tiny_registry, "tiny-llama", "baseline", checkpointing=True, lean_loss=True,
+                         **options)["baseline"]
+    assert both.activations < plain.activations and both.weights == plain.weights

@@ -28,6 +28,11 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("eval_loss", "eval loss", "float"),
     ("eval_perplexity", "eval perplexity", "float"),
     ("eval_accuracy", "eval accuracy", "float"),
+    ("eval_accuracy_mismatched", "eval accuracy (mismatched)", "float"),
+    ("eval_f1", "eval F1", "float"),
+    ("eval_matthews_correlation", "eval Matthews corr.", "float"),
+    ("eval_pearson", "eval Pearson", "float"),
+    ("eval_spearman", "eval Spearman", "float"),
     ("tokens_per_second", "tokens/s", "float"),
     ("step_seconds", "step time (s)", "float"),
     ("param_bytes", "param bytes", "bytes"),
@@ -53,14 +58,49 @@ class CompareRun:
         return None if self.result is None else self.result.figure(key)
 
 
+ALL = "all"
+
+
 def parse_optimizer_list(text: str) -> list[str]:
+    """The comma-separated names, or ``["all"]`` for every installed optimizer (``optimizer_names``)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
+    if ALL in names and names != [ALL]:
+        raise ValueError(f"'{ALL}' already runs every installed optimizer; give it alone")
     if not names:
         raise ValueError("give at least one optimizer, e.g. baseline,lora,galore")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"listed twice: {', '.join(duplicates)}")
     return names
+
+
+def installed(entry: Any) -> bool:
+    """Whether a registered optimizer can run here: plugins whose package is missing say "not
+    installed" in their description (``lowmem list-optimizers`` shows it with the pip command)."""
+    return "not installed" not in str(getattr(entry.obj, "description", ""))
+
+
+def optimizer_names(names: list[str], registry: Registry) -> tuple[list[str], list[str]]:
+    """(optimizers to run, optimizers left out as not installed): ``["all"]`` is every registered
+    optimizer by name, the reference first; explicit names are checked and run as given."""
+    if names != [ALL]:
+        for name in names:
+            registry.optimizer(name)  # unknown names fail before anything trains
+        return names, []
+    reference = registry.reference_optimizer()
+    every = sorted(registry.optimizers, key=lambda name: (name != reference, name))
+    return ([n for n in every if installed(registry.optimizers[n])],
+            [n for n in every if not installed(registry.optimizers[n])])
+
+
+def by_peak_memory(runs: list[CompareRun]) -> list[CompareRun]:
+    """Runs by peak memory, smallest first; failed runs (and runs without the figure) last, in run
+    order, so the memory/quality trade-off reads from top to bottom."""
+    def key(item: tuple[int, CompareRun]) -> tuple[bool, float, int]:
+        peak = item[1].figure("peak_memory_bytes")
+        return peak is None, peak if peak is not None else 0.0, item[0]
+
+    return [run for _, run in sorted(enumerate(runs), key=key)]
 
 
 def reset_peak_memory() -> None:
@@ -135,12 +175,13 @@ def format_value(value: float | None, kind: str) -> str:
 
 
 def table_rows(runs: list[CompareRun], reference_name: str | None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per optimizer): each figure, then ×ratio to the reference if it ran."""
+    """Header and rows (one per optimizer, by peak memory, failed runs last): each figure, then
+    ×ratio to the reference if it ran."""
     reference = next((r for r in runs if r.optimizer == reference_name), None)
     columns = shown_columns(runs)
     header = ["optimizer", "status"] + [title for _, title, _ in columns]
     rows = []
-    for run in runs:
+    for run in by_peak_memory(runs):
         cells = [run.optimizer, "ok" if run.result is not None else f"failed: {run.reason}"]
         for key, _, kind in columns:
             text = format_value(run.figure(key), kind)
@@ -153,7 +194,8 @@ def table_rows(runs: list[CompareRun], reference_name: str | None) -> tuple[list
 
 
 def footnote(reference_name: str | None) -> str:
-    return (f"Ratios (×) are to {reference_name or 'the reference optimizer (none ran)'}. Peak memory: "
+    return (f"Sorted by peak memory, failed runs last. Ratios (×) are to "
+            f"{reference_name or 'the reference optimizer (none ran)'}. Peak memory: "
             "CUDA peak allocation on a GPU, else the process's peak resident set (including Python and torch "
             "themselves), reset before each run where Linux allows.")
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lowmem.cli_check import check_app
 from lowmem.cli_options import (
     LowmemCommand,
     LowmemGroup,
@@ -41,6 +42,7 @@ config_app = typer.Typer(help="Optimizer configuration files.", no_args_is_help=
                          rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 app.add_typer(reports_app)  # estimate, compare, plot: top-level commands
+app.add_typer(check_app)  # check-optimizer
 
 NPROC = inspect.Parameter(
     "nproc", inspect.Parameter.KEYWORD_ONLY, default=1,

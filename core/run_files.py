@@ -1,6 +1,12 @@
 """The run folder contract: config.json, metrics.jsonl, summary.json, model/, event files.
 
 Only the main process writes; other ranks get a RunFiles whose writes do nothing.
+
+config.json says what was really built, so that nothing falls back silently: the optimizer class
+(and a per-layer wrapper's inner classes), per parameter group its settings, tensors, parameters
+and which of them are projected or quantised, and the versions of the libraries and plugins.
+Whether a state is quantised (8-bit) is known once the optimizer holds state, which most create at
+their first step: ``record_after_first_step`` adds it to config.json then.
 """
 
 from __future__ import annotations
@@ -8,13 +14,18 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowmem.config import TrainConfig
 
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from lowmem.registry import Registry
+
+# The libraries lowmem and its built-in optimizers train with ("not installed" where absent).
 LIBRARIES = ("torch", "transformers", "peft", "galore-torch", "bitsandbytes", "accelerate", "datasets",
-             "tokenizers")
+             "tokenizers", "adam-mini", "lomo-optim", "apollo-torch")
 
 
 def library_versions() -> dict[str, str]:
@@ -25,6 +36,73 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def plugin_origins(registry: Registry, config: TrainConfig) -> dict[str, str]:
+    """Where the run's optimizer, model and dataset come from: "built-in" (lowmem's own version is
+    in ``versions``) or the plugin's "<distribution> <version>"."""
+    kinds = (("optimizer", registry.optimizers, config.optimizer), ("model", registry.models, config.model),
+             ("dataset", registry.datasets, config.dataset))
+    return {kind: table[name].origin if name in table else "not registered" for kind, table, name in kinds}
+
+
+def optimizer_facts(model: Any, optimizer: Any, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The optimizer class, a per-layer wrapper's inner classes, and ``groups`` (one row per
+    distinct group setting, as ``lowmem.assemble.parameter_groups`` gives them) with each group's
+    list-valued settings (betas), ``parameters`` (elements), and the names of its parameters that
+    are ``projected`` (a group ``rank`` key, GaLore's and APOLLO's convention, or a projector in
+    their state) and ``quantised`` (8-bit tensors in their state; null while there is no state)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    known = any(len(state) for state in optimizer.state.values())
+    counts = ("tensors", "elements", "examples")
+    keyed = [({k: v for k, v in row.items() if k not in counts}, row) for row in groups]
+    rows = [{**row, "parameters": row.get("elements", 0), "projected": [], "quantised": [] if known else None}
+            for _, row in keyed]
+    for group in optimizer.param_groups:
+        scalars = {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")
+                   and isinstance(v, int | float | str | bool)}
+        row = next((rows[i] for i, (settings, _) in enumerate(keyed) if settings == scalars), None)
+        if row is None:  # a group ``groups`` does not show: it gets a row of its own
+            size = sum(p.numel() for p in group["params"])
+            row = {**scalars, "tensors": len(group["params"]), "elements": size, "parameters": size,
+                   "projected": [], "quantised": [] if known else None}
+            keyed.append((scalars, row))
+            rows.append(row)
+        row.update({k: list(v) for k, v in group.items() if isinstance(v, list | tuple) and k != "params"
+                    and all(isinstance(x, int | float | str | bool) for x in v)})
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "rank" in group or "projector" in state:
+                row["projected"].append(names.get(id(p), "?"))
+            if row["quantised"] is not None and any(_is_8bit(t) for t in _tensors(state)):
+                row["quantised"].append(names.get(id(p), "?"))
+    inner = sorted({type(o).__qualname__ for o in getattr(optimizer, "inner_optimizers", [])})
+    return {"optimizer_class": type(optimizer).__qualname__,
+            "optimizer_class_path": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            "inner_optimizer_classes": inner, "param_groups": rows}
+
+
+def _tensors(state: Any) -> list[Any]:
+    from lowmem.memory import iter_tensors
+
+    return list(iter_tensors(state))
+
+
+def _is_8bit(tensor: Any) -> bool:
+    """int8/uint8 (bitsandbytes) or float8 state; bool flags are not quantised numbers."""
+    return tensor.element_size() == 1 and str(tensor.dtype) != "torch.bool"
+
+
+def record_after_first_step(optimizer: Any, facts: Callable[[], dict[str, Any]], path: Path | None) -> None:
+    """Once the optimizer's first step has made its state, merge ``facts()`` into the JSON file
+    at ``path`` (None: not the main process, nothing is written). A one-shot step post hook."""
+
+    def after_step(*args: Any) -> None:
+        handle.remove()
+        if path is not None and path.is_file():
+            _atomic_write_json(path, {**json.loads(path.read_text()), **facts()})
+
+    handle = optimizer.register_step_post_hook(after_step)
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

@@ -228,14 +228,22 @@ def tokens_left(job: Run, state: TrainState, world_size: int) -> int | None:
 
 
 def run_facts(job: Run, dist: DistContext, registry: Registry) -> dict[str, Any]:
-    """What config.json adds to the config: what was really built and where."""
+    """What config.json adds to the config: what was really built and where. The optimizer's
+    groups say which parameters are projected, and after its first step (when it has state) which
+    are quantised (``lowmem.run_files.optimizer_facts``): nothing falls back silently."""
+    from lowmem.run_files import optimizer_facts, plugin_origins, record_after_first_step
+
+    def optimizer() -> dict[str, Any]:
+        return optimizer_facts(job.model, job.optimizer, parameter_groups(job.model, job.optimizer))
+
+    config_file = Path(job.config.output_dir) / "config.json"
+    record_after_first_step(job.optimizer, optimizer, config_file if dist.is_main else None)
     return {
         "device": str(job.device), "resolved_dtype": job.dtype, "world_size": dist.world_size,
         "objective": job.objective, "total_steps": job.total_steps, "warmup_steps": job.warmup_steps,
         "label_names": job.label_names, "data_kind": job.kind, "target_modules": list(job.target_modules),
-        "optimizer_class": type(job.optimizer).__qualname__,
-        "param_groups": parameter_groups(job.model, job.optimizer),
-        "versions": library_versions(), "plugins": {p.name: p.origin for p in registry.plugins},
+        **optimizer(), "versions": library_versions(), "plugin_origins": plugin_origins(registry, job.config),
+        "plugins": {p.name: p.origin for p in registry.plugins},
     }
 
 

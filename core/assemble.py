@@ -168,8 +168,9 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
             num_labels=1 if kind == REGRESSION else len(labels), weights=weights,
             pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
         ))
-    if getattr(getattr(model, "config", None), "use_cache", None):
-        model.config.use_cache = False  # training keeps no key/value cache (and packing needs none)
+    model_config: Any = getattr(model, "config", None)
+    if getattr(model_config, "use_cache", None):
+        model_config.use_cache = False  # training keeps no key/value cache (and packing needs none)
     targets = choose_targets(model, config.target_modules, model_plugin)
     settings = optimizer_settings(config, objective, targets, dist.world_size)
     model = precision.cast_weights(model, dtype)

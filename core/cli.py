@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -84,7 +85,7 @@ def _print_table(title: str, attr: str) -> None:
     print_rows(title, ("name", "description", "from"), rows)
 
 
-def print_rows(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_rows(title: str, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     """A rich table on a terminal; plain aligned columns in pipes and files (and no rich import,
     which keeps the listings' start-up short)."""
     if not sys.stdout.isatty():

@@ -65,9 +65,9 @@ def estimate(
 
         if optimizer is not None and all_optimizers:
             raise ConfigError("give --optimizer or --all, not both")
-        options = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
-                       per_layer=per_layer, grad_accum=grad_accum, optimizer_config_file=optimizer_config,
-                       lean_loss=lean_loss)
+        options: dict[str, Any] = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                                       per_layer=per_layer, grad_accum=grad_accum,
+                                       optimizer_config_file=optimizer_config, lean_loss=lean_loss)
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 

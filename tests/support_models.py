@@ -56,8 +56,9 @@ def bert_folder(folder: Path) -> Path:
         tokenizer_object=byte_bpe(("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")), cls_token="[CLS]",
         sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]", unk_token="[UNK]")
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        num_attention_heads=4, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
     BertForMaskedLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -25,7 +25,8 @@ def bert(tmp_path_factory):
 def finetune(cli, model, data, out, *extra):
     return cli("train", "--mode", "finetuning", "--optimizer", "baseline", "--model", str(model),
                "--dataset", str(data), "--batch_size", "8", "--max_length", "64", "--lr", "3e-3",
-               "--dtype", "fp32", "--log-every", "10", "--eval-batches", "4", "--output-dir", str(out), *extra)
+               "--dtype", "fp32", "--log-every", "10", "--eval-batches", "4", "--output-dir", str(out),
+               *extra)
 
 
 def summary(run):
@@ -105,14 +106,17 @@ def small_galore(qwen):
     (qwen / "galore.json").write_text(json.dumps({"rank": 8}))
 
 
+def chat(*turns):
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
 BAD = {
     "no-completion.jsonl": ([{"prompt": "a"}], "'completion' is missing"),
-    "mixed-labels.jsonl": ([{"text": "a b", "label": 1}, {"text": "c d", "label": "x"}], "mixes numbers and strings"),
+    "mixed-labels.jsonl": ([{"text": "a b", "label": 1}, {"text": "c d", "label": "x"}],
+                           "mixes numbers and strings"),
     "empty-completion.jsonl": ([{"prompt": "a", "completion": "  "}], "'completion' is empty"),
-    "empty-turn.jsonl": ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}],
-                         "assistant turn is empty"),
-    "bad-role.jsonl": ([{"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]}],
-                       "unknown role 'wizard'"),
+    "empty-turn.jsonl": ([chat(("user", "a"), ("assistant", ""))], "assistant turn is empty"),
+    "bad-role.jsonl": ([chat(("wizard", "a"), ("assistant", "b"))], "unknown role 'wizard'"),
 }
 
 

@@ -42,7 +42,8 @@ def detect(columns: list[str], where: str) -> tuple[str, tuple[str, ...]]:
     for column in SINGLE:
         if column in columns:
             return TEXT, (column,)
-    raise lowmem.ConfigError(f"{where}: no 'text' column (columns: {', '.join(columns) or 'none'}); {EXPECTED}")
+    found = ", ".join(columns) or "none"
+    raise lowmem.ConfigError(f"{where}: no 'text' column (columns: {found}); {EXPECTED}")
 
 
 def records(rows: list[dict[str, Any]], layout: str, fields: tuple[str, ...],

@@ -29,7 +29,8 @@ def read_config(source: str) -> dict[str, Any] | None:
     folder = Path(source).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise lowmem.ConfigError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
+            raise lowmem.ConfigError(
+                f"model folder {folder} has no config.json: not a Hugging Face model folder")
         path: str | None = str(folder / "config.json")
     elif "/" in source and not source.startswith((".", "/", "~")):
         path = cached_hub_file(source, "config.json")
@@ -47,7 +48,7 @@ def read_config(source: str) -> dict[str, Any] | None:
     else:
         return None
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(str(path)).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise lowmem.ConfigError(f"{path}: not a readable config.json ({exc})") from None
     if not isinstance(data, dict) or "model_type" not in data:

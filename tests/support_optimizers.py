@@ -26,11 +26,23 @@ TINY_CONFIG = {
     "lora+galore8bit": {"rank": 4, "min_8bit_size": 64, "lora_dropout": 0.0},
 }
 LR = {"baseline": 1e-2, "galore": 1e-2, "galore8bit": 1e-2, "lora": 1e-2, "lora+galore8bit": 3e-2}
+# The optimizers built on other packages (tests/test_more_optimizers.py); the same helpers apply.
+MORE_NAMES = ("adamw8bit", "adafactor", "apollo", "apollo-mini", "adam-mini", "muon", "lomo", "adalomo")
+MORE_MODULES = {"adamw8bit": "adamw8bit", "adafactor": "adafactor", "apollo": "apollo",
+                "apollo-mini": "apollo_mini", "adam-mini": "adammini", "muon": "muon", "lomo": "lomo",
+                "adalomo": "adalomo"}
+TINY_CONFIG.update({"adamw8bit": {"min_8bit_size": 256}, "adafactor": {}, "apollo": {"rank": 8},
+                    "apollo-mini": {}, "adam-mini": {}, "muon": {}, "lomo": {}, "adalomo": {}})
+# LOMO is SGD: it needs a far larger step than the Adam family.
+LR.update({"adamw8bit": 1e-2, "adafactor": 1e-2, "apollo": 1e-2, "apollo-mini": 1e-2, "adam-mini": 1e-2,
+           "muon": 1e-2, "lomo": 1.0, "adalomo": 0.1})
 
 
 def plugin(name: str) -> lowmem.Optimizer:
     from lowmem.plugins.optimizers import baseline, galore, galore8bit, lora, lora_galore8bit
 
+    if name in MORE_MODULES:
+        return more_plugin(name)
     return {
         "baseline": baseline.Baseline,
         "lora": lora.LoRA,
@@ -38,6 +50,16 @@ def plugin(name: str) -> lowmem.Optimizer:
         "galore8bit": galore8bit.GaLore8bit,
         "lora+galore8bit": lora_galore8bit.LoRAGaLore8bit,
     }[name]()
+
+
+def more_plugin(name: str) -> lowmem.Optimizer:
+    """One of MORE_NAMES, from the one plugin object its module registers."""
+    import importlib
+
+    module = importlib.import_module(f"lowmem.plugins.optimizers.{MORE_MODULES[name]}")
+    found: list = []
+    module.register_optimizers(found.append)
+    return next(p for p in found if p.name == name)
 
 
 def full_config(name: str, values: dict | None = None) -> dict:
@@ -164,3 +186,67 @@ def assert_plain_state(value, where="state"):
         plain = value is None or isinstance(value, torch.Tensor | int | float | str | bool)
         assert plain, f"{where}: {value!r}"
 
+
+def round_trip(state: dict) -> dict:
+    """``state`` through torch.save and torch.load(weights_only=True), as a checkpoint does."""
+    import io
+
+    assert_plain_state(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def differing_parameters(a, b) -> list[str]:
+    """Names of the parameters of models ``a`` and ``b`` that differ in any bit."""
+    pairs = zip(a.named_parameters(), b.parameters(), strict=True)
+    return [n for (n, x), y in pairs if not torch.equal(x, y)]
+
+
+def resume_differences(name: str, config: dict, dtype=torch.float32, **overrides) -> list[str]:
+    """Train a tiny llama (weights in ``dtype``: bfloat16 is bf16-pure) 3 steps, save the optimizer
+    state through a weights_only round trip, load it into a freshly built optimizer on a copy of
+    the model, take 2 more steps with both: the names of the parameters that differ in any bit
+    (none when resume is exact)."""
+    optimizer_plugin, settings = plugin(name), settings_for(name, config=config, **overrides)
+
+    def build(seed):
+        model = optimizer_plugin.prepare_model(tiny_llama(seed).to(dtype), settings)
+        return model, optimizer_plugin.build(model, settings)
+
+    (model, optimizer), (resumed, resumed_optimizer) = build(0), build(5)
+    batch = batch_for(lowmem.CAUSAL_LM)
+    train(model, optimizer, batch, steps=3)
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer.load_state_dict(round_trip(optimizer.state_dict()))
+    train(model, optimizer, batch, steps=2)
+    train(resumed, resumed_optimizer, batch, steps=2)
+    return differing_parameters(model, resumed)
+
+
+def train_registry_model(model_plugin, optimizer_plugin, config: dict):
+    """Build ``model_plugin``'s real model and the optimizer as a run does, take two bf16-autocast
+    steps; returns (optimizer, the most gradient bytes alive at once)."""
+    from lowmem import memory
+
+    settings = lowmem.OptimizerSettings(lr=1e-3, config=config, target_modules=model_plugin.target_modules)
+    torch.manual_seed(0)
+    model = model_plugin.build(lowmem.ModelRequest(lowmem.CAUSAL_LM, vocab_size=model_plugin.vocab_size))
+    model = optimizer_plugin.prepare_model(model, settings)
+    most = [0]
+
+    def watch(_param):  # registered before the optimizer's hooks: sees each gradient before they free it
+        most[0] = max(most[0], memory.gradient_bytes(model))
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(watch)
+    optimizer = optimizer_plugin.build(model, settings)
+    ids = torch.randint(0, model_plugin.vocab_size, (2, 16))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer, most[0]

@@ -21,8 +21,14 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "scale": 0.25,
     "proj_type": "std",
     "per_layer": False,
+    # How the projection is refreshed every update_proj_gap steps: "full" is galore_torch's
+    # torch.linalg.svd (the reference's numerics); "randomized" is torch.svd_lowrank, a seeded
+    # randomized SVD of the top directions only (galore_common.RandomizedProjector): cheaper on
+    # large matrices, close to but not identical with the full SVD's subspace.
+    "svd": "full",
 }
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SVD_METHODS = ("full", "randomized")
 
 
 @lowmem.hookimpl
@@ -45,6 +51,8 @@ def check_galore_config(config: Mapping[str, Any]) -> None:
         raise lowmem.ConfigError(
             f"'proj_type' must be one of {', '.join(PROJ_TYPES)}, got {config['proj_type']!r}"
         )
+    if config["svd"] not in SVD_METHODS:
+        raise lowmem.ConfigError(f"'svd' must be one of {', '.join(SVD_METHODS)}, got {config['svd']!r}")
     if "min_8bit_size" in config:
         positive_int(config, "min_8bit_size")
 

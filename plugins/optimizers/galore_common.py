@@ -91,6 +91,10 @@ def galore_groups(
     plain = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in projected_ids]
     groups = [{"params": [p for _, p in projected], "weight_decay": weight_decay}]
     groups[0].update({key: config[key] for key in GALORE_GROUP_KEYS})
+    # Only a non-default method is recorded in the group (new_projector reads it there, the one
+    # place every GaLore optimizer shares): groups and checkpoints of the default stay galore_torch's.
+    if config.get("svd", "full") != "full":
+        groups[0]["svd"] = config["svd"]
     return groups + decay_groups(model, plain, weight_decay, decay_all)
 
 
@@ -129,8 +133,50 @@ class CompactProjector(GaLoreProjector):
         return factor.clone()
 
 
+# torch.svd_lowrank settings for svd "randomized": a few extra directions sampled beyond the
+# rank and two power iterations, the usual choice for quickly decaying spectra (Halko et al.);
+# a fixed seed makes every refresh a function of the gradient alone, so resumed runs (which save
+# no random state) and per-layer runs refresh exactly like uninterrupted whole-model ones.
+RANDOMIZED_OVERSAMPLING = 8
+RANDOMIZED_NITER = 2
+RANDOMIZED_SEED = 0
+
+
+class RandomizedProjector(CompactProjector):
+    """CompactProjector whose refresh is torch.svd_lowrank's randomized SVD of the gradient: the
+    top ``rank`` singular directions from a sketch of rank + RANDOMIZED_OVERSAMPLING columns,
+    instead of a full SVD. Same shapes and dtypes as galore_torch's factors."""
+
+    def get_orthogonal_matrix(self, weights, rank, type):  # noqa: A002 - galore_torch's signature
+        matrix = weights.data
+        original_dtype = matrix.dtype
+        if original_dtype != torch.float:
+            matrix = matrix.float()
+        sketch = min(rank + RANDOMIZED_OVERSAMPLING, *matrix.shape)
+        # svd_lowrank draws its test matrix from the global generator: fork it (the training RNG
+        # stream is left untouched) and seed only the generator of the matrix's device.
+        cuda = [matrix.device] if matrix.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            if cuda:
+                with torch.cuda.device(matrix.device):
+                    torch.cuda.manual_seed(RANDOMIZED_SEED)
+            else:
+                torch.default_generator.manual_seed(RANDOMIZED_SEED)
+            u, _, v = torch.svd_lowrank(matrix, q=sketch, niter=RANDOMIZED_NITER)
+        left = u[:, :rank].contiguous().to(original_dtype)
+        right = v[:, :rank].t().contiguous().to(original_dtype)
+        if type == "right":
+            return right
+        if type == "left":
+            return left
+        if type == "full":
+            return [left, right]
+        raise ValueError("type should be left, right or full")
+
+
 def new_projector(group: Mapping[str, Any]) -> CompactProjector:
-    return CompactProjector(
+    kind = RandomizedProjector if group.get("svd", "full") == "randomized" else CompactProjector
+    return kind(
         group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
         proj_type=group["proj_type"],
     )

@@ -1,0 +1,166 @@
+"""LOMO and AdaLomo (lomo-optim) updating from gradient hooks under lowmem's training loop
+(``lomo`` and ``adalomo`` plugins).
+
+lomo-optim's optimizers own the backward pass: ``fused_backward(loss, lr)`` scales the loss, runs
+backward, and tensor hooks update every parameter whose gradient is ready. lowmem's loop runs
+backward itself (``steps_in_backward``), so this wrapper never calls ``fused_backward``. It keeps
+the package's update rule, the closure its ``fuse_update()`` returns, and calls it from a
+post-accumulate-grad hook per parameter, once that parameter's gradient is complete, on every
+``grad_accum``-th micro-batch only: the gradient it sees is the whole accumulation window's, as
+in a normal optimizer step. The closure walks the package's ``model.named_parameters()``; the
+package is given ``PackageView`` as its model, which lists no parameter while the package is
+constructed (so it registers no hooks of its own and allocates nothing) and, during an update,
+just the parameter being updated.
+
+AdaLomo's constructor allocates its state with ``.cuda()``, which fails on a CPU-only torch and
+would put the state on the wrong device for CPU training anyway. The view lists nothing at that
+time, and ``allocate_adalomo_state`` creates the same fp32 tensors on each parameter's device.
+
+Per update the package's learning rate, weight decay and (AdaLomo) step number are set from this
+optimizer's param groups and step count, so lowmem's LR schedule and decay rule drive it.
+
+Imported only from inside plugin methods (it imports torch and lomo_optim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class PackageView:
+    """What lomo-optim iterates as "the model"."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.current: list[tuple[str, torch.Tensor]] = []
+
+    def named_parameters(self):
+        return iter(self.current)
+
+    def parameters(self):
+        return iter(self.params)
+
+
+def adalomo_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AdaLomo's second-moment statistics for ``p``: per element for a 1-D tensor, per row and per
+    column for a matrix, fp32 on the parameter's device (the package: fp32, on CUDA)."""
+    if p.dim() == 1:
+        return {"exp_avg_sq": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)}
+    return {"exp_avg_sq_row": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device),
+            "exp_avg_sq_col": torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)}
+
+
+class LomoInBackward(torch.optim.Optimizer):
+    # The training loop: updates happen inside backward; step() does nothing.
+    steps_in_backward = True
+
+    def __init__(self, groups: list[dict[str, Any]], names: dict[int, str], lr: float,
+                 make_engine: Callable[[PackageView], Any], grad_accum: int = 1, adaptive: bool = False):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        super().__init__(groups, {"lr": lr})
+        self.parameters_in_order = [p for group in self.param_groups for p in group["params"]]
+        self.group_of = [group for group in self.param_groups for _ in group["params"]]
+        self.names = [names[id(p)] for p in self.parameters_in_order]
+        self.view = PackageView(self.parameters_in_order)
+        self.engine = make_engine(self.view)
+        self.grad_accum = grad_accum
+        self.adaptive = adaptive
+        self.micro_batches = [0] * len(self.parameters_in_order)
+        self.steps = 0  # optimizer steps that updated; AdaLomo's step number
+        self.window_updated = False
+        if adaptive:
+            for p in self.parameters_in_order:
+                self.state[p] = adalomo_state(p)
+            self._share_state()
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook_for(index))
+                      for index, p in enumerate(self.parameters_in_order)]
+
+    def _share_state(self) -> None:
+        """Point the package's name-keyed state dicts at this optimizer's tensors."""
+        for name, p in zip(self.names, self.parameters_in_order, strict=True):
+            for key, tensor in self.state[p].items():
+                getattr(self.engine, key)[name] = tensor
+
+    def _hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
+        def after_grad(param: torch.Tensor) -> None:
+            self.micro_batches[index] += 1
+            if self.micro_batches[index] < self.grad_accum:
+                return
+            self.micro_batches[index] = 0
+            if not self.window_updated:
+                self.steps += 1
+                self.window_updated = True
+            self._update(index, param)
+
+        return after_grad
+
+    def _update(self, index: int, param: torch.Tensor) -> None:
+        group, engine = self.group_of[index], self.engine
+        engine.lr = group["lr"]
+        engine.weight_decay = group["weight_decay"]
+        engine.do_weight_decay = group["weight_decay"] > 0.0
+        engine.step_num = self.steps  # AdaLomo's bias schedule; unused by Lomo
+        self.view.current = [(self.names[index], param)]
+        try:
+            engine.grad_func(0)  # updates param from param.grad, then drops the gradient
+        finally:
+            self.view.current = []
+
+    def step(self, closure=None):
+        """Nothing to do: each parameter was updated by its hook during backward."""
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients and start a new accumulation window."""
+        for p in self.parameters_in_order:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+        self.micro_batches = [0] * len(self.micro_batches)
+        self.window_updated = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "engine"):
+            raise NotImplementedError("LOMO does not take parameter groups after construction")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        params = self.parameters_in_order
+        return {
+            "state": {i: dict(self.state[p]) for i, p in enumerate(params) if self.state.get(p)},
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "steps": self.steps,
+            "micro_batches": list(self.micro_batches),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"saved state has {len(saved_groups)} groups, this optimizer {len(self.param_groups)}")
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            group.update(saved)  # the same dicts: group_of and any LR scheduler keep seeing them
+        # Each tensor keeps its saved dtype (fp32 statistics of a bf16 weight stay fp32).
+        for index, saved in state_dict["state"].items():
+            p = self.parameters_in_order[int(index)]
+            self.state[p] = {key: value.to(device=p.device, copy=True) for key, value in saved.items()}
+        self.steps = state_dict["steps"]
+        self.micro_batches = list(state_dict["micro_batches"])
+        self.window_updated = False
+        if self.adaptive:
+            self._share_state()
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (another optimizer is about to train it)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []

@@ -7,7 +7,7 @@ each class and method below; README.md ("Writing an optimizer plugin") walks thr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -48,6 +48,8 @@ class OptimizerSettings:
     # False (the default, as in Hugging Face Trainer): biases and normalisation weights get no
     # weight decay. True: every trainable parameter is decayed.
     decay_norms_and_biases: bool = False
+    # Where a plugin's notes go (one line each, "note: ..."); None: nowhere.
+    say: Callable[[str], None] | None = None
 
 
 class Optimizer:

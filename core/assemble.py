@@ -115,12 +115,12 @@ def plan_steps(config: TrainConfig, data: DataSpec, world_size: int) -> int:
 
 
 def optimizer_settings(config: TrainConfig, objective: str, targets: tuple[str, ...],
-                       world_size: int) -> OptimizerSettings:
+                       world_size: int, say: Any = None) -> OptimizerSettings:
     return OptimizerSettings(
         lr=config.lr, weight_decay=config.weight_decay, config=dict(config.optimizer_config),
         target_modules=targets, objective=objective, grad_accum=config.grad_accum,
         max_grad_norm=config.max_grad_norm, world_size=world_size,
-        decay_norms_and_biases=config.decay_norms_and_biases,
+        decay_norms_and_biases=config.decay_norms_and_biases, say=say,
     )
 
 
@@ -172,7 +172,7 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     if getattr(model_config, "use_cache", None):
         model_config.use_cache = False  # training keeps no key/value cache (and packing needs none)
     targets = choose_targets(model, config.target_modules, model_plugin)
-    settings = optimizer_settings(config, objective, targets, dist.world_size)
+    settings = optimizer_settings(config, objective, targets, dist.world_size, say)
     model = precision.cast_weights(model, dtype)
     if config.activation_checkpointing:
         levers.enable_checkpointing(model)

@@ -144,3 +144,22 @@ def test_bad_model_and_dataset_sources_exit_2(cli, qwen, tmp_path):
     result = finetune(cli, qwen, "glue/mrpc", tmp_path / "run")
     assert result.exit_code == 2 and "glue" in result.output.lower() and "cache" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_galore_rank_follows_the_model_width_capped_by_the_smallest_layer(cli, qwen, tmp_path, registry):
+    """No rank given: the paper's rank for the width (128 up to 512), capped at the smallest
+    projected layer (Qwen2's k_proj here is 16 x 32), with a note; the paper's 512 for llama_1b."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in sentences(40)])
+    result = finetune(cli, qwen, data, tmp_path / "run", "--optimizer", "galore", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "GaLore rank 128" in result.output and "capped at 16" in result.output
+    groups = json.loads((tmp_path / "run" / "config.json").read_text())["param_groups"]
+    assert [g["rank"] for g in groups if "rank" in g] == [16]
+    from lowmem.api import CAUSAL_LM, ModelRequest, OptimizerSettings
+
+    galore = registry.optimizer("galore")
+    request = ModelRequest(objective=CAUSAL_LM, vocab_size=32000, device="meta")
+    model = registry.model("llama_1b").build(request)
+    settings = OptimizerSettings(lr=1e-3, config=galore.default_config,
+                                 target_modules=("q_proj", "down_proj"))
+    assert galore.with_rank(model, settings, galore.projected_weights(model, settings))["rank"] == 512

@@ -52,7 +52,7 @@ def test_config_files_and_defaults():
     assert plugin("lora").config_files == ("lora",)
     assert plugin("galore").config_files == ("galore",)
     assert plugin("lora+galore8bit").config_files == ("lora", "galore")
-    assert plugin("galore").default_config == {"rank": 128, "update_proj_gap": 200, "scale": 0.25,
+    assert plugin("galore").default_config == {"rank": None, "update_proj_gap": 200, "scale": 0.25,
                                                "proj_type": "std", "per_layer": False, "svd": "full"}
     assert plugin("galore8bit").default_config["min_8bit_size"] == 4096
 

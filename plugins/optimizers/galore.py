@@ -14,9 +14,11 @@ from typing import Any, ClassVar
 import lowmem
 from lowmem.plugins.optimizers import plugin_config
 
-# The reference's defaults (jiaweizzhao/GaLore; Hugging Face Trainer uses the same).
+# The reference's defaults (jiaweizzhao/GaLore; Hugging Face Trainer uses the same), except the
+# rank: None picks the paper's rank for the model's width (PAPER_RANKS), capped where a projected
+# layer is smaller.
 GALORE_DEFAULTS: dict[str, Any] = {
-    "rank": 128,
+    "rank": None,
     "update_proj_gap": 200,
     "scale": 0.25,
     "proj_type": "std",
@@ -28,6 +30,11 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "svd": "full",
 }
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+# The GaLore paper's ranks by model width: 60M (512) 128, 130M/350M (768/1024) 256, 1B (2048) 512,
+# 7B (4096) 1024.
+PAPER_RANKS = ((512, 128), (1024, 256), (2048, 512))
+WIDEST_RANK = 1024
+GALORE_DEFAULTS_RANK = 128  # a model without a width in its config
 SVD_METHODS = ("full", "randomized")
 
 
@@ -42,8 +49,19 @@ def positive_int(config: Mapping[str, Any], key: str) -> None:
         raise lowmem.ConfigError(f"'{key}' must be a positive integer, got {value!r}")
 
 
+def paper_rank(hidden_size: int) -> int:
+    return next((rank for width, rank in PAPER_RANKS if hidden_size <= width), WIDEST_RANK)
+
+
+def model_width(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return width if isinstance(width, int) else None
+
+
 def check_galore_config(config: Mapping[str, Any]) -> None:
-    positive_int(config, "rank")
+    if config["rank"] is not None:  # None: chosen from the model's width
+        positive_int(config, "rank")
     positive_int(config, "update_proj_gap")
     if not config["scale"] > 0:
         raise lowmem.ConfigError(f"'scale' must be > 0, got {config['scale']!r}")
@@ -80,17 +98,36 @@ class GaLore(lowmem.Optimizer):
 
         return make_optimizer, None
 
+    def with_rank(self, model, settings, projected, say=None) -> dict[str, Any]:
+        """The settings with a rank: the user's, or the paper's for the model's width, capped at
+        the largest rank every projected weight takes (saying so)."""
+        from lowmem.plugins.optimizers.galore_common import largest_rank
+
+        config = dict(plugin_config(self, settings))
+        if config["rank"] is not None:
+            return config
+        width = model_width(model)
+        rank = paper_rank(width) if width else GALORE_DEFAULTS_RANK
+        cap = min((largest_rank(*w.shape, config["proj_type"]) for _, w in projected), default=rank)
+        if rank > cap:
+            if say is not None:
+                say(f"note: GaLore rank {rank} (the paper's for width {width}) is capped at {cap}, the "
+                    "smallest projected layer's limit; set 'rank' to choose")
+            rank = cap
+        config["rank"] = rank
+        return config
+
     def build(self, model, settings):
         from lowmem.plugins.optimizers.galore_common import build_galore
 
-        config = plugin_config(self, settings)
-        make_optimizer, on_inner_change = self.make_optimizer_factory(settings, config)
         projected = self.projected_weights(model, settings)
+        config = self.with_rank(model, settings, projected, settings.say)
+        make_optimizer, on_inner_change = self.make_optimizer_factory(settings, config)
         return build_galore(model, settings, config, projected, make_optimizer, on_inner_change)
 
     def state_bytes(self, model, settings):
         from lowmem.plugins.optimizers.galore_common import galore_state_bytes
 
-        config = plugin_config(self, settings)
         projected = self.projected_weights(model, settings)
+        config = self.with_rank(model, settings, projected)
         return galore_state_bytes(model, projected, config, min_8bit_size=config.get("min_8bit_size"))

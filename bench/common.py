@@ -61,7 +61,8 @@ def machine() -> dict[str, object]:
 def machine_line(info: dict[str, object]) -> str:
     cuda = info.get("cuda_device") or "none"
     return (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-            f"Python {info['python']}, CUDA device: {cuda}, load average at start {info.get('load_average_at_start')}")
+            f"Python {info['python']}, CUDA device: {cuda}, "
+            f"load average at start {info.get('load_average_at_start')}")
 
 
 def median(values: list[float]) -> float:

@@ -34,8 +34,9 @@ TITLES = {
 }
 # The repetition settings each section's figures depend on (shown in its header line).
 SETTINGS = {
-    "1": ("repeats", "warmup", "steps"), "2": ("step_repeats", "svd_repeats"), "3": ("repeats", "warmup", "steps"),
-    "4": (), "5": ("startup_repeats",), "6": (), "7": ("overhead_repeats", "overhead_warmup", "overhead_steps"),
+    "1": ("repeats", "warmup", "steps"), "2": ("step_repeats", "svd_repeats"),
+    "3": ("repeats", "warmup", "steps"), "4": (), "5": ("startup_repeats",), "6": (),
+    "7": ("overhead_repeats", "overhead_rounds", "overhead_warmup", "overhead_steps"),
 }
 
 
@@ -48,6 +49,8 @@ def parse(argv):
                         help="torch threads in training runs (1: stable under other load on a small "
                              "machine; 0: default)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent), help="folder for results.*")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite results.md from results.json and notes.md (after editing notes)")
     parser.add_argument("--no-merge", action="store_true",
                         help="write only this run's sections (default: keep the other sections' earlier "
                              "results from results.json)")
@@ -59,12 +62,16 @@ def parse(argv):
     quick = args.quick
     args.repeats, args.warmup, args.steps = (1, 1, 2) if quick else (2, 1, 3)
     args.step_repeats, args.svd_repeats, args.startup_repeats = (3, 1, 3) if quick else (7, 3, 7)
-    args.overhead_repeats, args.overhead_warmup, args.overhead_steps = (2, 10, 10) if quick else (5, 10, 20)
+    args.overhead_repeats, args.overhead_rounds = (2, 1) if quick else (5, 3)
+    args.overhead_warmup, args.overhead_steps = (10, 10) if quick else (10, 30)
     return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.render:
+        write(json.loads((Path(args.output) / "results.json").read_text()), Path(args.output))
+        return 0
 
     def say(message):
         print(message, flush=True)
@@ -146,7 +153,7 @@ def write(results: dict, folder: Path) -> None:
     ran = results.get("ran") or list(results["sections"])
     kept = [k for k in results["sections"] if k not in ran]
     lines = ["# lowmem benchmark results", "",
-             f"Written by `bench/run.py --sections {','.join(ran)}`{' --quick' if results['quick'] else ''} "
+             f"Written by `bench/run.py --sections {','.join(ran)}{' --quick' if results['quick'] else ''}` "
              f"on {info['date']} in {results['total_seconds']:.0f} s"
              + (f"; sections {', '.join(kept)} are kept from earlier runs (dates in their machine lines)."
                 if kept else "."), ""]

@@ -39,7 +39,8 @@ def run(args, say) -> dict:
     projected = target_weights(model, TARGETS)
     groups = galore_groups(model, projected, GALORE_DEFAULTS, 0.01)
     makers = {
-        "galore_torch.GaLoreAdamW": lambda: GaLoreAdamW(groups, lr=1e-3, weight_decay=0.01, no_deprecation_warning=True),
+        "galore_torch.GaLoreAdamW": lambda: GaLoreAdamW(groups, lr=1e-3, weight_decay=0.01,
+                                                        no_deprecation_warning=True),
         "lowmem galore": lambda: LowmemGaLoreAdamW(groups, lr=1e-3, weight_decay=0.01),
         "lowmem galore8bit": lambda: GaLoreAdamW8bit(groups, lr=1e-3, weight_decay=0.01),
     }
@@ -81,13 +82,16 @@ def run(args, say) -> dict:
         full_total += median(full_t) * count
         low_total += median(low_t) * count
         svd[str(shape)] = {"count": count, "full_seconds": median(full_t), "lowrank_seconds": median(low_t)}
-        svd_rows.append([f"{shape[0]}x{shape[1]} (x{count})", f"{median(full_t) * 1e3:.0f}", f"{median(low_t) * 1e3:.0f}"])
+        svd_rows.append([f"{shape[0]}x{shape[1]} (x{count})", f"{median(full_t) * 1e3:.0f}",
+                         f"{median(low_t) * 1e3:.0f}"])
     svd_rows.append(["whole model, per refresh", f"{full_total * 1e3:.0f}", f"{low_total * 1e3:.0f}"])
-    svd_rows.append([f"amortised per step (gap {GAP})", f"{full_total / GAP * 1e3:.1f}", f"{low_total / GAP * 1e3:.1f}"])
-    text = (f"llama_60m parameters (58.07M), random gradients, rank 128, gap {GAP}; step times are medians of "
-            f"{args.step_repeats} alternated steps with no refresh in them.\n\n"
+    svd_rows.append([f"amortised per step (gap {GAP})", f"{full_total / GAP * 1e3:.1f}",
+                     f"{low_total / GAP * 1e3:.1f}"])
+    text = (f"llama_60m parameters (58.07M), random gradients, rank 128, gap {GAP}; step times are "
+            f"medians of {args.step_repeats} alternated steps with no refresh in them.\n\n"
             + table(["optimizer", "ms/step", "ratio to galore_torch"], step_rows)
             + f"\n\nProjection refresh (medians of {args.svd_repeats}), ms:\n\n"
-            + table(["weight shape", "torch.linalg.svd", f"torch.svd_lowrank(q={rank + 10}, niter=2)"], svd_rows))
+            + table(["weight shape", "torch.linalg.svd", f"torch.svd_lowrank(q={rank + 10}, niter=2)"],
+                    svd_rows))
     return {"table": text, "results": {"steps": steps, "svd": svd, "svd_full_per_refresh": full_total,
                                        "svd_lowrank_per_refresh": low_total}}

@@ -23,7 +23,8 @@ def run(args, say) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device on this machine", "table": "Skipped: no CUDA device on this machine."}
+        return {"skipped": "no CUDA device on this machine",
+                "table": "Skipped: no CUDA device on this machine."}
     results, rows = {}, []
     for name, (model, optimizer, config, batch) in RUNS.items():
         spec = {"kind": "lowmem", "device": "cuda", "dtype": "bf16", "model": model, "optimizer": optimizer,

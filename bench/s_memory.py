@@ -21,8 +21,8 @@ def _settings(plugin, model_plugin, config):
 def _model(model_plugin, device):
     from lowmem.api import ModelRequest
 
-    return model_plugin.build(ModelRequest(objective="causal_lm", vocab_size=model_plugin.vocab_size, num_labels=0,
-                                           weights=None, pad_token_id=0, device=device))
+    return model_plugin.build(ModelRequest(objective="causal_lm", vocab_size=model_plugin.vocab_size,
+                                           num_labels=0, weights=None, pad_token_id=0, device=device))
 
 
 def measured_60m(registry, say) -> dict:
@@ -63,8 +63,8 @@ def estimated(registry, model_name: str, rank: int) -> dict:
         state = plugin.state_bytes(model, settings)
         peak = None
         try:
-            breakdown = estimate(model_plugin, plugin, mode="pretraining", objective="causal_lm", batch_size=1,
-                                 max_length=256, dtype="bf16", optimizer_config=settings.config,
+            breakdown = estimate(model_plugin, plugin, mode="pretraining", objective="causal_lm",
+                                 batch_size=1, max_length=256, dtype="bf16", optimizer_config=settings.config,
                                  per_layer=bool(config.get("per_layer")))
             peak = breakdown.total
         except Exception as exc:  # estimate.py is being written alongside: report, don't fail the bench
@@ -81,8 +81,10 @@ def run(args, say) -> dict:
     base = sixty["baseline"]["measured"]
     rows = [[name, f"{v['measured'] / MiB:.2f}", f"{v['formula'] / MiB:.2f}", "yes" if v["equal"] else "NO",
              fmt_ratio(v["measured"] / base)] for name, v in sixty.items()]
-    text = ("llama_60m, default ranks (galore 128; lora r 8; lora+galore8bit rank 4), measured after one step:\n\n"
-            + table(["optimizer", "measured MiB", "state_bytes formula MiB", "exact", "ratio to baseline"], rows))
+    text = ("llama_60m, default ranks (galore 128; lora r 8; lora+galore8bit rank 4), measured after one "
+            "step:\n\n"
+            + table(["optimizer", "measured MiB", "state_bytes formula MiB", "exact", "ratio to baseline"],
+                    rows))
     big = {}
     if args.quick:
         text += "\n\n(--quick: llama_1b / llama_7b estimates skipped)"
@@ -93,7 +95,8 @@ def run(args, say) -> dict:
             rows = []
             for name, v in found.items():
                 peak = v["estimated_peak_bytes"]
-                rows.append([name, f"{v['state_bytes'] / 2**30:.2f}", fmt_ratio(v["state_bytes"] / base_state),
+                rows.append([name, f"{v['state_bytes'] / 2**30:.2f}",
+                             fmt_ratio(v["state_bytes"] / base_state),
                              f"{peak / 2**30:.2f}" if isinstance(peak, int) else peak])
             text += (f"\n\n{model_name}, rank {rank}, estimated on the meta device (state_bytes; peak from "
                      f"lowmem.estimate, bf16, batch 1 x 256):\n\n"

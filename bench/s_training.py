@@ -47,23 +47,27 @@ def run(args, say) -> dict:
         ratio = _tps(ours) / _tps(theirs)
         memory = _rss(ours) / _rss(theirs)
         trainer[name] = {"lowmem_tokens_per_second": _tps(ours), "trainer_tokens_per_second": _tps(theirs),
-                         "throughput_ratio": ratio, "lowmem_peak_rss": _rss(ours), "trainer_peak_rss": _rss(theirs),
-                         "memory_ratio": memory, "goal_met": ratio >= 1.1 and memory <= 1.0}
-        trainer_rows.append([f"{name} vs {optim}", f"{_tps(ours):.0f}", f"{_tps(theirs):.0f}", fmt_ratio(ratio),
-                             f"{_rss(ours) / 2**20:.0f}", f"{_rss(theirs) / 2**20:.0f}", fmt_ratio(memory)])
+                         "throughput_ratio": ratio, "lowmem_peak_rss": _rss(ours),
+                         "trainer_peak_rss": _rss(theirs), "memory_ratio": memory,
+                         "goal_met": ratio >= 1.1 and memory <= 1.0}
+        trainer_rows.append([f"{name} vs {optim}", f"{_tps(ours):.0f}", f"{_tps(theirs):.0f}",
+                             fmt_ratio(ratio), f"{_rss(ours) / 2**20:.0f}", f"{_rss(theirs) / 2**20:.0f}",
+                             fmt_ratio(memory)])
     base = median([r["step_seconds"] for r in runs["lowmem baseline"] if "step_seconds" in r])
     overhead, overhead_rows = {}, []
     for name in OPTIMIZERS:
         step = median([r["step_seconds"] for r in runs[f"lowmem {name}"] if "step_seconds" in r])
         overhead[name] = {"step_seconds": step, "ratio_to_baseline": step / base,
                           "peak_rss": _rss(runs[f"lowmem {name}"])}
-        overhead_rows.append([name, f"{step:.2f}", fmt_ratio(step / base), f"{_rss(runs[f'lowmem {name}']) / 2**20:.0f}"])
-    text1 = (f"Model: `{MODEL}` (llama_60m's 512/1376/8-head layers, 2 layers, vocab 8000), batch 4 x 256, fp32, "
-             f"{args.warmup} warm-up step(s) then median of {args.steps} steps per run, {args.repeats} alternated "
-             f"run(s) per side, torch threads {args.threads or 'default'}. Peak memory = peak RSS of the run's process.\n\n"
+        overhead_rows.append([name, f"{step:.2f}", fmt_ratio(step / base),
+                              f"{_rss(runs[f'lowmem {name}']) / 2**20:.0f}"])
+    text1 = (f"Model: `{MODEL}` (llama_60m's 512/1376/8-head layers, 2 layers, vocab 8000), batch 4 x 256, "
+             f"fp32, {args.warmup} warm-up step(s) then median of {args.steps} steps per run, {args.repeats} "
+             f"alternated run(s) per side, torch threads {args.threads or 'default'}. Peak memory = peak RSS "
+             "of the run's process.\n\n"
              + table(["pair", "lowmem tok/s", "Trainer tok/s", "ratio", "lowmem peak MiB", "Trainer peak MiB",
                       "memory ratio"], trainer_rows))
     text3 = ("Same runs: median step seconds in lowmem's loop, ratio to baseline.\n\n"
              + table(["optimizer", "s/step", "ratio to baseline", "peak RSS MiB"], overhead_rows))
-    return {"trainer": {"table": text1, "results": trainer}, "overhead": {"table": text3, "results": overhead},
-            "errors": errors, "raw": runs}
+    return {"trainer": {"table": text1, "results": trainer},
+            "overhead": {"table": text3, "results": overhead}, "errors": errors, "raw": runs}

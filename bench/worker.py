@@ -7,14 +7,16 @@ kind "trainer": Hugging Face Trainer on the same model, tokenizer and batches (l
 stdlib-docs blocks, tokenized once by lowmem's pipeline), timed from one step end to the next.
 kind "plain": a plain torch loop (forward, backward, clip, fused AdamW, LambdaLR) on the same
 model and batches, timed from one step end to the next (section 7).
+kind "sequence": several of the above, alternated within this one process (section 7).
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import math
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -26,29 +28,29 @@ from common import CACHE_DIR  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Benchmark models: LLaMA layers (llama_shape: width, MLP, layers, heads), 8,000-token vocabulary.
+SHAPES = {
+    # llama_60m's layers, 2 deep: the full model runs 15-25 s/step on two shared cores.
+    "llama_60m_small": ("llama_60m layers, 2 deep, vocab 8000 (benchmarks)", (512, 1376, 2, 8)),
+    "llama_tiny": ("width 256, MLP 688, 4 heads, 2 layers, vocab 8000 (step overhead)", (256, 688, 2, 4)),
+    "llama_micro": ("width 32, MLP 64, 4 heads, 2 layers, vocab 8000 (fixed step cost)", (32, 64, 2, 4)),
+}
+
+
 def small_llama_plugin():
-    """llama_60m's layer shape (width 512, MLP 1376, 8 heads) with 2 layers and an 8,000-token
-    vocabulary: the full model runs 15-25 s/step on two shared cores, too slow for the budget."""
+    """A plugin registering the SHAPES models."""
     import lowmem
     from lowmem.plugins.models.llama import Llama, llama_shape
 
-    class SmallLlama(Llama):
-        name = "llama_60m_small"
-        description = "llama_60m layers, 2 deep, vocab 8000 (benchmarks)"
-        vocab_size = 8000
-        hf_config = llama_shape(512, 1376, 2, 8)
-
-    class TinyLlama(Llama):
-        name = "llama_tiny"
-        description = "width 256, MLP 688, 4 heads, 2 layers, vocab 8000 (step-overhead benchmark)"
-        vocab_size = 8000
-        hf_config = llama_shape(256, 688, 2, 4)
+    models = [type(name, (Llama,), {"name": name, "description": description, "vocab_size": 8000,
+                                    "hf_config": llama_shape(*shape)})()
+              for name, (description, shape) in SHAPES.items()]
 
     class Plugin:
         @lowmem.hookimpl
         def register_models(self, register):
-            register(SmallLlama())
-            register(TinyLlama())
+            for model in models:
+                register(model)
 
     return Plugin()
 
@@ -77,10 +79,12 @@ def lowmem_run(spec: dict) -> dict:
             optimizer_config=spec.get("config", {}), output_dir=out, cache_dir=str(CACHE_DIR),
             log_every=spec.get("log_every", 1), eval_batches=1, seed=42,
         )
-        started = time.perf_counter()
-        result = lowmem.train(config, registry(), say=lambda message: None)
+        started, stamps = time.perf_counter(), []
+        with cpu_clock_at_rows(stamps):
+            result = lowmem.train(config, registry(), say=lambda message: None)
         total = time.perf_counter() - started
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
     steps_rows = [r for r in rows if "tokens_per_second" in r and r["step"] > warm]
     tps = sorted(r["tokens_per_second"] for r in steps_rows)
     tokens_per_step = spec["batch_size"] * spec["max_length"]
@@ -89,14 +93,40 @@ def lowmem_run(spec: dict) -> dict:
         "step_seconds": tokens_per_step / tps[len(tps) // 2] if tps else float("nan"),
         "losses": [r["loss"] for r in rows if "loss" in r], "peak_rss_bytes": peak_rss(),
         "optimizer_state_bytes": result.optimizer_state_bytes, "wall_seconds": total,
-        "peak_allocated_bytes": result.peak_allocated_bytes, **row_windows(rows, warm),
+        "peak_allocated_bytes": result.peak_allocated_bytes, **row_windows(rows, warm, stamps),
         "result_step_seconds": result.step_seconds, "result_train_seconds": result.train_seconds,
+        "log_every": config.log_every,
     }
 
 
-def row_windows(rows: list[dict], warm: int) -> dict:
-    """Seconds per step of each metrics row after step ``warm`` (a row's tokens/s covers the
-    steps since the previous row), and their total over total steps (the window's mean)."""
+@contextlib.contextmanager
+def cpu_clock_at_rows(stamps: list[tuple[int, float]]):
+    """Appends (step, process CPU seconds) as lowmem writes each training metrics row: CPU time,
+    unlike wall time, does not grow while other jobs on the machine hold the core."""
+    try:
+        from lowmem.run_files import RunFiles
+
+        original = RunFiles.log
+    except (ImportError, AttributeError):  # the core moved on: no CPU figures
+        yield
+        return
+
+    def log(self, row):
+        if "tokens_per_second" in row:
+            stamps.append((row["step"], time.process_time()))
+        return original(self, row)
+
+    RunFiles.log = log
+    try:
+        yield
+    finally:
+        RunFiles.log = original
+
+
+def row_windows(rows: list[dict], warm: int, stamps: list[tuple[int, float]]) -> dict:
+    """Wall seconds per step of each metrics row after step ``warm`` (a row's tokens/s covers
+    the steps since the previous row), their total over the steps (the window's mean), and the
+    same mean in process CPU seconds."""
     rows = [r for r in rows if "tokens_per_second" in r]
     per_step, seconds, steps = [], 0.0, 0
     for before, row in zip(rows, rows[1:], strict=False):
@@ -105,7 +135,10 @@ def row_windows(rows: list[dict], warm: int) -> dict:
         span = (row["tokens"] - before["tokens"]) / row["tokens_per_second"]
         per_step.append(span / (row["step"] - before["step"]))
         seconds, steps = seconds + span, steps + row["step"] - before["step"]
-    return {"step_times": per_step, "window_step_seconds": seconds / steps if steps else float("nan")}
+    cpu = [(b[1] - a[1], b[0] - a[0]) for a, b in zip(stamps, stamps[1:], strict=False) if a[0] >= warm]
+    cpu_steps = sum(n for _, n in cpu)
+    return {"step_times": per_step, "window_step_seconds": seconds / steps if steps else float("nan"),
+            "cpu_step_seconds": sum(c for c, _ in cpu) / cpu_steps if cpu_steps else float("nan")}
 
 
 class StepClock:
@@ -142,17 +175,22 @@ def model_and_batches(spec: dict, count: int):
 
     plugins = registry()
     plugin = plugins.model(spec["model"])
-    tokenizer = load_tokenizer(tokenizer=None, model_path=None, model_plugin=plugin, cache_dir=CACHE_DIR,
-                               registry=plugins, say=lambda message: None)
+    tokenizer = load_tokenizer(tokenizer=None, model_path=None, model_plugin=plugin,
+                               cache_dir=CACHE_DIR, registry=plugins, say=lambda message: None)
     data = DataSpec(dataset=plugins.dataset("stdlib-docs"), source=None, objective="causal_lm",
                     tokenizer=tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"],
                     seed=42, shuffle=False, cache_dir=CACHE_DIR)
-    started = time.perf_counter()
-    batches = list(itertools.islice(train_batches(data, 0), count))
-    data_seconds = (time.perf_counter() - started) / max(1, len(batches))
+    batches, data_seconds, stream = [], [], train_batches(data, 0)
+    for _ in range(count):  # timed one by one: the first includes tokenizing the first documents
+        started = time.perf_counter()
+        batch = next(stream, None)
+        data_seconds.append(time.perf_counter() - started)
+        if batch is None:
+            break
+        batches.append(batch)
     seed_everything(42)
-    model = plugin.build(ModelRequest(objective="causal_lm", vocab_size=len(tokenizer), num_labels=0, weights=None,
-                                      pad_token_id=tokenizer.pad_token_id))
+    model = plugin.build(ModelRequest(objective="causal_lm", vocab_size=len(tokenizer), num_labels=0,
+                                      weights=None, pad_token_id=tokenizer.pad_token_id))
     return model, batches, data_seconds
 
 
@@ -162,20 +200,22 @@ def trainer_run(spec: dict) -> dict:
 
     warm, steps = spec["warmup"], spec["steps"]
     model, batches, _ = model_and_batches(spec, warm + steps)
-    rows = [{k: v[i] for k, v in batch.items()} for batch in batches for i in range(batch["input_ids"].shape[0])]
+    rows = [{k: v[i] for k, v in batch.items()}
+            for batch in batches for i in range(batch["input_ids"].shape[0])]
     extra = {}
     if spec["optim"] != "adamw_torch":
         config = spec.get("config", {})
         extra = {"optim_target_modules": TARGETS,
-                 "optim_args": f"rank={config.get('rank', 128)}, update_proj_gap={config.get('update_proj_gap', 200)}, "
+                 "optim_args": f"rank={config.get('rank', 128)}, "
+                               f"update_proj_gap={config.get('update_proj_gap', 200)}, "
                                f"scale={config.get('scale', 0.25)}, proj_type=std"}
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=spec["batch_size"], max_steps=warm + steps,
-            learning_rate=4e-4, weight_decay=0.01, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="cosine",
-            optim=spec["optim"], logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            dataloader_num_workers=0, seed=42, disable_tqdm=True, **extra,
+            learning_rate=4e-4, weight_decay=0.01, max_grad_norm=1.0, warmup_steps=0,
+            lr_scheduler_type="cosine", optim=spec["optim"], logging_steps=1, save_strategy="no",
+            report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, disable_tqdm=True, **extra,
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock.make()])
         started = time.perf_counter()
@@ -201,14 +241,14 @@ def plain_run(spec: dict) -> dict:
     named = list(model.named_parameters())
     no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n]
     decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=4e-4, eps=1e-8, fused=True)
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=4e-4, eps=1e-8, fused=True)
     total = len(batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
     parameters = [p for _, p in named]
     model.train()
-    ends, losses = [time.perf_counter()], []
+    ends, cpu, losses = [time.perf_counter()], [time.process_time()], []
     for batch in batches:
         loss = model(**batch).loss
         loss.backward()
@@ -218,12 +258,33 @@ def plain_run(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         ends.append(time.perf_counter())
+        cpu.append(time.process_time())
     times = [b - a for a, b in zip(ends[warm:], ends[warm + 1:], strict=False)]
     window = sum(times) / len(times) if times else float("nan")
-    return {"step_times": times, "window_step_seconds": window, "losses": losses, "peak_rss_bytes": peak_rss(),
-            "tokens_per_second": spec["batch_size"] * spec["max_length"] / window, "data_seconds": data_seconds,
-            "decayed_tensors": len(decay), "undecayed_tensors": len(no_decay), "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in parameters)}
+    cpu_step = (cpu[-1] - cpu[warm]) / len(times) if times else float("nan")
+    return {"step_times": times, "window_step_seconds": window, "cpu_step_seconds": cpu_step,
+            "losses": losses,
+            "tokens_per_second": spec["batch_size"] * spec["max_length"] / window,
+            "peak_rss_bytes": peak_rss(), "first_batch_seconds": data_seconds[0],
+            "batch_seconds": statistics.median(data_seconds[1:] or [0.0]),
+            "decayed_tensors": len(decay), "undecayed_tensors": len(no_decay),
+            "parameters": sum(p.numel() for p in parameters), "threads": torch.get_num_threads()}
+
+
+def sequence_run(spec: dict) -> dict:
+    """``rounds`` rounds of the runs in ``spec["sequence"]`` (name -> spec fields), alternated in
+    this one process (no process-to-process differences between them), the order rotated by
+    one each round."""
+    names = list(spec["sequence"])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for index in range(spec["rounds"]):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            run = {**spec, **spec["sequence"][name]}
+            runs[name].append(KINDS[run["kind"]](run))
+    return {"runs": runs}
+
+
+KINDS = {"lowmem": lowmem_run, "trainer": trainer_run, "plain": plain_run, "sequence": sequence_run}
 
 
 def main() -> None:
@@ -232,7 +293,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    result = {"lowmem": lowmem_run, "trainer": trainer_run, "plain": plain_run}[spec["kind"]](spec)
+    result = KINDS[spec["kind"]](spec)
     print(json.dumps(result), flush=True)
 
 

@@ -1,4 +1,5 @@
-"""nox sessions: tests (default), lint, typecheck, bench. Each installs the CPU torch first."""
+"""nox sessions: tests (default), lint, typecheck, bench (each installs the CPU torch first), and gpu
+(the prepared GPU check: it keeps the CUDA torch the machine has)."""
 
 import nox
 
@@ -32,3 +33,10 @@ def bench(session):
     session.install(CPU_TORCH)
     session.install("-e", ".[test]")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def gpu(session):
+    """On a GPU machine, in the environment that has lowmem and a CUDA torch installed: the CUDA
+    tests, peak memory against the estimator, throughput against Trainer (bench/gpu-results.md)."""
+    session.run("python", "bench/gpu_check.py", *session.posargs)

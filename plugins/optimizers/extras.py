@@ -15,7 +15,6 @@ modules that import this still register without torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from importlib import metadata
 from importlib.util import find_spec
 from typing import Any
 
@@ -52,12 +51,18 @@ def require(module: str, extra: str, optimizer: str) -> None:
 
 
 def torch_version() -> tuple[int, int]:
-    """(major, minor) of the installed torch, read from its metadata (torch is not imported)."""
+    """(major, minor) of the installed torch, read from its version.py: neither torch nor
+    importlib.metadata (~25 ms) is imported, so `lowmem list-optimizers` stays quick."""
+    import re
+    from pathlib import Path
+
+    spec = find_spec("torch")
     try:
-        parts = metadata.version("torch").split(".")
-        return int(parts[0]), int(parts[1])
-    except (metadata.PackageNotFoundError, ValueError, IndexError):
+        text = (Path(spec.origin).parent / "version.py").read_text(encoding="utf-8")  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError, OSError):
         return (0, 0)
+    found = re.search(r"__version__\s*=\s*['\"](\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 # -- config checks ---------------------------------------------------------------------------
@@ -86,7 +91,7 @@ def check_choice(config: Mapping[str, Any], key: str, choices: tuple[str, ...]) 
 # -- building --------------------------------------------------------------------------------
 def check_updates_in_backward(settings: lowmem.OptimizerSettings, what: str) -> None:
     """Refuse what cannot combine with updating each parameter from its gradient hook."""
-    if settings.max_grad_norm > 0:
+    if settings.max_grad_norm is not None and settings.max_grad_norm > 0:
         raise lowmem.ConfigError(
             f"{what}: each parameter steps during backward, so clipping by the norm over all "
             f"parameters is impossible (max_grad_norm is {settings.max_grad_norm}); pass --max-grad-norm 0"

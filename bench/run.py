@@ -36,7 +36,7 @@ TITLES = {
 SETTINGS = {
     "1": ("repeats", "warmup", "steps"), "2": ("step_repeats", "svd_repeats"),
     "3": ("repeats", "warmup", "steps"), "4": (), "5": ("startup_repeats",), "6": (),
-    "7": ("overhead_repeats", "overhead_rounds", "overhead_warmup", "overhead_steps"),
+    "7": ("overhead_repeats", "overhead_warmup", "overhead_steps", "micro_rounds", "micro_steps"),
 }
 
 
@@ -62,8 +62,8 @@ def parse(argv):
     quick = args.quick
     args.repeats, args.warmup, args.steps = (1, 1, 2) if quick else (2, 1, 3)
     args.step_repeats, args.svd_repeats, args.startup_repeats = (3, 1, 3) if quick else (7, 3, 7)
-    args.overhead_repeats, args.overhead_rounds = (2, 1) if quick else (5, 3)
-    args.overhead_warmup, args.overhead_steps = (10, 10) if quick else (10, 30)
+    args.overhead_repeats, args.micro_rounds = (2, 1) if quick else (5, 5)
+    args.overhead_warmup, args.overhead_steps, args.micro_steps = (10, 10, 50) if quick else (10, 30, 150)
     return args
 
 

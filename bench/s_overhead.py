@@ -4,10 +4,11 @@ Each side takes ``overhead_warmup`` untimed steps, then ``overhead_steps`` timed
 time per step comes from its metrics.jsonl rows (tokens / tokens-per-second between two rows:
 batch fetch, step, clipping, scheduler and logging all inside), the plain loop's from
 time.perf_counter at each step end (bench/worker.py, kinds "lowmem" and "plain"). Measured two
-ways: each run in a fresh process, rounds of lowmem / plain / lowmem with log_every 10 with the
-order rotated each round (the figure the goal is judged on), and the same three alternated
-inside one process (no process-to-process differences: a cross-check of how much of the gap
-is noise on a shared machine).
+ways: on the tiny model, each run in a fresh process, rounds of lowmem / plain / lowmem with
+log_every 10 with the order rotated each round (the figure the goal is judged on); and
+lowmem's fixed cost per step in milliseconds, from the same three loops on a micro model
+(same 21 tensors, ~12 ms steps) alternated in one process, where a millisecond stands out
+of the noise that other jobs on a shared machine add to a 200-300 ms step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from common import fmt_ratio, median, run_worker, table
 
 MODEL = "llama_tiny"  # see worker.small_llama_plugin: width 256, MLP 688, 4 heads, 2 layers, vocab 8000
 BATCH, LENGTH = 8, 128
+MICRO, MICRO_BATCH, MICRO_LENGTH, MICRO_WARMUP = "llama_micro", 2, 32, 20  # width 32, MLP 64, 4 heads
 GOAL = 1.03
 PLAIN, LOG1, LOG10 = "plain torch loop", "lowmem baseline, log_every 1", "lowmem baseline, log_every 10"
 VARIANTS = {  # name -> worker spec fields, in the order each round runs them
@@ -41,6 +43,36 @@ def _finite(values) -> list[float]:
 
 def _cpu(run: dict) -> float:
     return run.get("cpu_step_seconds", float("nan"))
+
+
+def _chunk_median(run: dict, size: int = 10) -> float:
+    """Median over blocks of ``size`` steps of the block's mean step: log_every 10 rows are such
+    blocks already; per-step times (log_every 1, the plain loop) are cut into them."""
+    times = run.get("step_times") or []
+    if run.get("log_every", 1) == 1:
+        times = [sum(times[i:i + size]) / size for i in range(0, len(times) - size + 1, size)]
+    return median(times) if times else float("nan")
+
+
+def _fixed_cost(runs: dict[str, list[dict]], tiny_plain: float) -> tuple[dict, list[list[object]]]:
+    """lowmem's extra milliseconds per step over the plain loop on the micro model, the range of
+    that difference over the rounds, and the extra as a share of ``tiny_plain`` seconds."""
+    plain = median(_finite(_chunk_median(r) for r in runs[PLAIN]))
+    results, rows = {}, []
+    for name in (PLAIN, LOG1, LOG10):
+        step = median(_finite(_chunk_median(r) for r in runs[name]))
+        pairs = zip(runs[name], runs[PLAIN], strict=False)
+        rounds = _finite(_chunk_median(a) - _chunk_median(b) for a, b in pairs)
+        extra = step - plain
+        results[name] = {"step_seconds": step, "extra_seconds": extra, "round_extra_seconds": rounds,
+                         "share_of_tiny_step": extra / tiny_plain}
+        if name == PLAIN:
+            rows.append([name, f"{step * 1e3:.2f}", "", "", ""])
+            continue
+        spread = f"{min(rounds) * 1e3:+.2f} to {max(rounds) * 1e3:+.2f}" if rounds else ""
+        rows.append([name, f"{step * 1e3:.2f}", f"{extra * 1e3:+.2f}", spread,
+                     f"{extra / tiny_plain * 100:+.1f}%"])
+    return results, rows
 
 
 def _best(values: list[float]) -> float:
@@ -87,14 +119,16 @@ def run(args, say) -> dict:
             "steps": args.overhead_steps, "threads": args.threads}
     fresh = _rotated_rounds({name: {**base, **fields} for name, fields in VARIANTS.items()},
                             args.overhead_repeats, say)
-    say(f"  one process, {args.overhead_rounds} round(s) of the three loops")
-    together = run_worker({**base, "kind": "sequence", "sequence": VARIANTS, "rounds": args.overhead_rounds},
-                          timeout=1800)
+    say(f"  micro model, one process, {args.micro_rounds} round(s) of the three loops")
+    micro = run_worker({**base, "model": MICRO, "batch_size": MICRO_BATCH, "max_length": MICRO_LENGTH,
+                        "warmup": MICRO_WARMUP, "steps": args.micro_steps, "kind": "sequence",
+                        "sequence": VARIANTS, "rounds": args.micro_rounds}, timeout=1800)
     errors = {name: r["error"][-400:] for name, rs in fresh.items() for r in rs if "error" in r}
-    if "error" in together:
-        errors["one process"] = together["error"][-400:]
+    if "error" in micro:
+        errors["micro model"] = micro["error"][-400:]
     fresh_results, fresh_rows = _compare(fresh)
-    together_results, together_rows = ({}, []) if "error" in together else _compare(together["runs"])
+    tiny_plain = fresh_results[PLAIN]["figures"]["best"]  # the least disturbed: the largest share
+    micro_results, micro_rows = ({}, []) if "error" in micro else _fixed_cost(micro["runs"], tiny_plain)
     plain = next((r for r in fresh[PLAIN] if "parameters" in r), {})
     batch_ms = median([r["batch_seconds"] for r in fresh[PLAIN] if "batch_seconds" in r]) * 1e3
     first_ms = median([r["first_batch_seconds"] for r in fresh[PLAIN] if "first_batch_seconds" in r]) * 1e3
@@ -115,14 +149,19 @@ def run(args, say) -> dict:
         "median and the best run (as timeit does: interference only ever adds time).\n\n"
         f"Fresh processes, {args.overhead_repeats} rounds (order rotated each round):\n\n"
         + table(HEADER, fresh_rows)
-        + f"\n\nOne process, {args.overhead_rounds} round(s), order rotated (cross-check):\n\n"
-        + (table(HEADER, together_rows) if together_rows else "failed: see the error below")
+        + f"\n\nFixed cost per step: micro model `{MICRO}` (width 32, MLP 64, 4 heads, 2 layers: the same "
+        f"21 tensors), batch {MICRO_BATCH} x {MICRO_LENGTH}, {MICRO_WARMUP} untimed then {args.micro_steps} "
+        f"timed steps, {args.micro_rounds} rotated round(s) in one process; ms/step: median over runs "
+        "of the median 10-step block mean. The share sets lowmem's extra milliseconds against the tiny "
+        f"model's best plain run above ({tiny_plain * 1e3:.0f} ms/step).\n\n"
+        + (table(["loop", "ms/step", "lowmem extra ms/step", "per-round extra ms", "share of a tiny step"],
+                 micro_rows) if micro_rows else "failed: see the error below")
         + f"\n\nSame losses: {_same_losses(fresh)}. lowmem's data pipeline (inside lowmem's figure, outside "
         f"the plain loop's): {batch_ms:.2f} ms per batch once the first documents are tokenized "
         f"(the first batch: {first_ms:.0f} ms, inside the untimed steps).")
-    results = {"fresh_processes": fresh_results, "one_process": together_results,
+    results = {"fresh_processes": fresh_results, "micro": micro_results,
                "batch_seconds": batch_ms / 1e3, "first_batch_seconds": first_ms / 1e3}
-    raw = {"fresh_processes": fresh, "one_process": together}
+    raw = {"fresh_processes": fresh, "micro": micro}
     return {"table": text, "results": results, "errors": errors, "raw": raw}
 
 

@@ -98,7 +98,7 @@ def test_max_length_error_names_both_numbers(cli, captured):
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "must hold a JSON object"),
     ('{"rnk": 4}', "unknown key 'rnk'"),
-    ('{"rank": "four"}', "key 'rank' must be int"),
+    ('{"rank": "four"}', "'rank' must be a positive integer"),
 ])
 def test_bad_config_files_name_file_and_key(cli, captured, tmp_path, content, needle):
     path = tmp_path / "galore.json"
@@ -120,7 +120,8 @@ def test_config_file_for_another_optimizer_is_noted_and_ignored(cli, captured, t
 def test_config_show_prints_defaults_as_json(cli):
     result = cli("config", "show", "galore")
     assert result.exit_code == 0
-    assert json.loads(result.output)["rank"] == 128
+    shown = json.loads(result.output)
+    assert shown["rank"] is None and shown["update_proj_gap"] == 200  # None: by model width
 
 
 def test_existing_run_is_never_overwritten(cli, captured, tmp_path):

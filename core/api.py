@@ -50,6 +50,9 @@ class OptimizerSettings:
     decay_norms_and_biases: bool = False
     # Where a plugin's notes go (one line each, "note: ..."); None: nowhere.
     say: Callable[[str], None] | None = None
+    # "ddp" or "fsdp" (``--parallel``): with "fsdp" and several processes, ``build`` receives
+    # sharded parameters (DTensors; see ``Optimizer.shards``).
+    parallel: str = "ddp"
 
 
 class Optimizer:
@@ -81,6 +84,21 @@ class Optimizer:
     config_files: ClassVar[tuple[str, ...]] = ()
     # True for the full-rank reference that ``lowmem compare`` gives every ratio against.
     reference: ClassVar[bool] = False
+    # True when the optimizer trains FSDP-sharded parameters exactly (``--parallel fsdp``): its
+    # ``build`` then receives DTensor parameters holding this process's slice, whose gradients
+    # are already averaged over the processes, and each update must equal the one a single
+    # process makes on the whole tensor. Tensors in its state are DTensors sharded like their
+    # parameter or identical on every process (checked at the end of a run). False: refused.
+    shards: ClassVar[bool] = False
+    # False when a sharded checkpoint of its state loads only into the same number of
+    # processes (state kept per slice in a form that does not re-slice, such as 8-bit blocks).
+    reshards: ClassVar[bool] = True
+
+    def shard_dims(self, model: torch.nn.Module, settings: OptimizerSettings) -> Mapping[str, int]:
+        """Parameters (by name) that FSDP should split along another dimension than rows (0),
+        for an optimizer whose update is local only along one side (GaLore keeps the long side
+        of a weight and projects the short one). Called before sharding. Default: none."""
+        return {}
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Raise ``ConfigError`` naming the key for values that are wrong before any model exists.
@@ -100,6 +118,11 @@ class Optimizer:
         """Bytes of optimizer state this optimizer will hold for ``model`` (possibly on the meta
         device), for ``lowmem estimate``. ``None``: lowmem falls back to a generic guess."""
         return None
+
+    def replicated_state_bytes(self, model: torch.nn.Module, settings: OptimizerSettings) -> int:
+        """Of ``state_bytes``, what every FSDP process holds whole rather than sliced (GaLore's
+        projection matrices), for ``lowmem estimate --parallel fsdp``. Default: nothing."""
+        return 0
 
     def save_model(self, model: torch.nn.Module, directory: Path) -> None:
         """Write the trained model into ``directory`` in Hugging Face format, loadable by

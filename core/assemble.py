@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,9 @@ class Run:
     grad_bytes: int = 0  # gradient memory, measured at the first step
     # --lean-loss: (parent module, attribute, head) of the output layer the chunked loss replaces.
     lean_head: tuple[Any, str, Any] | None = None
+    # --parallel fsdp: builds the unsharded architecture on the meta
+    # device, which the exported model is gathered into (``lowmem.checkpoint_sharded``).
+    plain_model: Callable[[], Any] | None = None
 
     def autocast(self) -> Any:
         return precision.autocast(self.dtype, self.device)
@@ -120,7 +124,7 @@ def optimizer_settings(config: TrainConfig, objective: str, targets: tuple[str, 
         lr=config.lr, weight_decay=config.weight_decay, config=dict(config.optimizer_config),
         target_modules=targets, objective=objective, grad_accum=config.grad_accum,
         max_grad_norm=config.max_grad_norm, world_size=world_size,
-        decay_norms_and_biases=config.decay_norms_and_biases, say=say,
+        decay_norms_and_biases=config.decay_norms_and_biases, say=say, parallel=config.parallel,
     )
 
 
@@ -163,11 +167,12 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     seed_everything(config.seed)
     weights = find_weights(model_plugin, config.mode, config.model_path, config.test, say)
     with registry.guard(model_plugin, "build"):
-        model = model_plugin.build(ModelRequest(
+        request = ModelRequest(
             objective=objective, vocab_size=len(tokenizer),
             num_labels=1 if kind == REGRESSION else len(labels), weights=weights,
             pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
-        ))
+        )
+        model = model_plugin.build(request)
     model_config: Any = getattr(model, "config", None)
     if getattr(model_config, "use_cache", None):
         model_config.use_cache = False  # training keeps no key/value cache (and packing needs none)
@@ -177,7 +182,17 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     if config.activation_checkpointing:
         levers.enable_checkpointing(model)
     with registry.guard(optimizer_plugin, "prepare_model"):
-        model = optimizer_plugin.prepare_model(model, settings).to(device)
+        model = optimizer_plugin.prepare_model(model, settings)
+    sharded = config.parallel == "fsdp"
+    if sharded:  # the optimizer is built on the shards (one process: a single shard)
+        from lowmem.sharding import shard_model
+
+        dist.ensure_group(want_cuda=device.type == "cuda")
+        with registry.guard(optimizer_plugin, "shard_dims"):
+            dims = optimizer_plugin.shard_dims(model, settings)
+        model = shard_model(model, dtype, device, dims)
+    else:
+        model = model.to(device)
     with registry.guard(optimizer_plugin, "build"):
         optimizer = optimizer_plugin.build(model, settings)
     steps_in_backward = bool(getattr(optimizer, "steps_in_backward", False))
@@ -192,7 +207,15 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, warmup, config.tmax, config.min_lr_ratio)
     )
-    train_model = dist.wrap(model)  # compile the wrapped model: DDP's hooks stay outside the graph
+    # Compile the wrapped model: DDP's hooks stay outside the graph. FSDP shards in place.
+    train_model = model if sharded else dist.wrap(model)
+    if steps_in_backward and train_model is not model:  # DDP: update only on averaged gradients
+        follow = getattr(optimizer, "step_after_reduction", None)
+        if follow is None:
+            hint = "use --parallel fsdp or one process" if optimizer_plugin.shards else "use one process"
+            raise ConfigError(f"optimizer {config.optimizer!r} updates inside backward, before DDP averages "
+                              f"the gradients over the processes; {hint}")
+        follow(train_model)
     if config.compile:
         train_model = levers.compile_model(train_model, device)
     lean_head = levers.lean_loss_head(model, objective, say) if config.lean_loss else None
@@ -203,7 +226,21 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
         optimizer=optimizer, scheduler=scheduler,
         scaler=precision.loss_scaler(dtype, device), total_steps=total, warmup_steps=warmup,
         steps_in_backward=steps_in_backward, dtype=dtype, lean_head=lean_head,
+        plain_model=plain_model_builder(model_plugin, optimizer_plugin, request, settings, dtype)
+        if sharded else None,
     )
+
+
+def plain_model_builder(model_plugin: Any, optimizer_plugin: Optimizer, request: ModelRequest,
+                        settings: OptimizerSettings, dtype: str) -> Callable[[], Any]:
+    """The model as ``assemble`` prepares it, unsharded, on the meta device (no memory)."""
+
+    def build() -> Any:
+        model = model_plugin.build(dataclasses.replace(request, device="meta"))
+        quiet = dataclasses.replace(settings, say=None)  # its notes were said once already
+        return optimizer_plugin.prepare_model(precision.cast_weights(model, dtype), quiet)
+
+    return build
 
 
 def check_examples(data: DataSpec, say) -> None:

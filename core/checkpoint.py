@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lowmem import checkpoint_files as files
+from lowmem import checkpoint_sharded as sharded
 from lowmem.config import TrainConfig
 from lowmem.errors import CheckpointError, ConfigError
+from lowmem.text import first_line
 
 # Changing these would make the saved state meaningless for the new run.
 # lr and weight_decay live in the saved optimizer and schedule, so a new value would be ignored.
@@ -68,15 +71,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(run, state: TrainState, dist) -> Path | None:
-    """Every rank calls this; rank 0 writes the folder. Returns its path on rank 0."""
+    """Every rank calls this; rank 0 writes the folder (under --parallel fsdp every rank writes
+    its shards into it first). Returns its path on rank 0."""
     import safetensors.torch
 
     run_dir = Path(run.config.output_dir)
     rng_per_rank = dist.gather(_rng_state())
 
-    def write(folder: Path) -> None:
-        safetensors.torch.save_model(run.model, str(folder / "model.safetensors"))
-        files.save_tensors(folder / "optimizer.pt", run.optimizer.state_dict())
+    def write(folder: Path, layout: dict[str, Any] | None = None) -> None:
+        if layout is None:
+            safetensors.torch.save_model(run.model, str(folder / "model.safetensors"))
+            files.save_tensors(folder / "optimizer.pt", run.optimizer.state_dict())
+        else:
+            sharded.write_layout(folder, layout)
         files.save_tensors(folder / "rng.pt", rng_per_rank)
         (folder / "trainer_state.json").write_text(json.dumps({
             "state": asdict(state),
@@ -88,6 +95,8 @@ def save(run, state: TrainState, dist) -> Path | None:
         }, indent=1))
         run.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
+    if run.config.parallel == "fsdp":
+        return save_sharded(run, state, dist, write)
     path, error = None, None
     if dist.is_main:
         try:
@@ -101,11 +110,57 @@ def save(run, state: TrainState, dist) -> Path | None:
     return path
 
 
+def save_sharded(run, state: TrainState, dist, write) -> Path | None:
+    """Rank 0 makes the temporary folder, every rank writes its shards into it, rank 0 adds the
+    rest (``write``), the manifest, and renames it; a failure anywhere stops every rank."""
+    run_dir, tmp, error = Path(run.config.output_dir), None, None
+    if dist.is_main:
+        try:
+            tmp = str(files.begin(run_dir, state.step))
+        except OSError as exc:
+            error = f"could not write checkpoint under {run_dir}: {exc.strerror or exc}"
+    tmp, error = dist.broadcast((tmp, error))
+    if error:
+        raise CheckpointError(error)
+    layout = None
+    try:
+        layout = sharded.save_shards(run, Path(tmp))
+    except Exception as exc:  # noqa: BLE001 - OSError and DCP's own errors alike
+        error = f"could not write the shards of checkpoint {tmp}: {first_line(exc)}"
+    errors, path = [e for e in dist.gather(error) if e], None
+    if dist.is_main:
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = errors[0]
+        else:
+            try:
+                path = files.complete(run_dir, state.step, Path(tmp), lambda f: write(f, layout),
+                                      run.config.keep_checkpoints)
+            except CheckpointError as exc:
+                error = str(exc)
+    error = dist.broadcast(error)
+    if error:
+        raise CheckpointError(error)
+    return path
+
+
 def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int,
                      say) -> None:
     current = config.to_json()
     changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
-    if saved_world != world_size:
+    if saved.get("parallel", "ddp") != config.parallel:
+        changed.append("parallel")
+    if saved_world != world_size and config.parallel == "fsdp" and "parallel" not in changed:
+        # Sharded checkpoints load into any number of processes; the step must stay the same.
+        before, after = (c["batch_size"] * c["grad_accum"] * n for c, n in ((saved, saved_world),
+                                                                            (current, world_size)))
+        if before != after:
+            accum = before / (config.batch_size * world_size)
+            hint = f"--grad-accum {int(accum)}" if accum == int(accum) else "another --batch_size"
+            raise ConfigError(f"cannot resume: a step of the checkpoint took {before} sequences, with "
+                              f"{world_size} process(es) it would take {after}; use {hint}")
+        changed = [key for key in changed if key != "grad_accum"]
+    elif saved_world != world_size:
         changed.append("world_size")
     if changed:
         details = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
@@ -125,15 +180,21 @@ def load(run, path: Path, dist, say) -> TrainState:
 
     meta = json.loads((path / "trainer_state.json").read_text())
     check_compatible(meta["config"], run.config, dist.world_size, meta["world_size"], say)
+    if meta["world_size"] != dist.world_size and not run.optimizer_plugin.reshards:
+        raise ConfigError(f"cannot resume: optimizer {run.config.optimizer!r} keeps its state per process "
+                          f"slice, so its checkpoint loads only into {meta['world_size']} process(es)")
     if meta.get("resolved_dtype", run.dtype) != run.dtype:  # --dtype auto can resolve differently elsewhere
         raise ConfigError(f"cannot resume: the checkpoint trained in {meta['resolved_dtype']}, this run "
                           f"would use {run.dtype}; pass --dtype {meta['resolved_dtype']}")
-    missing, unexpected = safetensors.torch.load_model(
-        run.model, str(path / "model.safetensors"), strict=False, device=str(run.device))
-    if missing or unexpected:
-        raise CheckpointError(f"{path / 'model.safetensors'} does not match the model "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    run.optimizer.load_state_dict(files.load_tensors(path / "optimizer.pt"))
+    if run.config.parallel == "fsdp":
+        sharded.load_shards(run, path)
+    else:
+        missing, unexpected = safetensors.torch.load_model(
+            run.model, str(path / "model.safetensors"), strict=False, device=str(run.device))
+        if missing or unexpected:
+            raise CheckpointError(f"{path / 'model.safetensors'} does not match the model "
+                                  f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+        run.optimizer.load_state_dict(files.load_tensors(path / "optimizer.pt"))
     run.scheduler.load_state_dict(meta["scheduler"])
     run.scaler.load_state_dict(meta["scaler"])
     rng = files.load_tensors(path / "rng.pt")
@@ -161,12 +222,16 @@ def clean_folder(run_dir: Path) -> None:
     files.clean_stale(run_dir)
 
 
-def export_model(run, directory: Path) -> None:
+def export_model(run, directory: Path, is_main: bool = True) -> None:
     """The trained model in Hugging Face format, written by the optimizer plugin (LoRA merges
-    its adapters), with the tokenizer beside it."""
-    config = getattr(run.model, "config", None)
+    its adapters), with the tokenizer beside it. Every rank calls this: a sharded model is
+    gathered first, and rank 0 writes it."""
+    model = sharded.gathered_model(run) if run.plain_model is not None else run.model
+    if not is_main:
+        return
+    config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = True  # training switched it off; generation wants it
     with run.registry.guard(run.optimizer_plugin, "save_model"):
-        run.optimizer_plugin.save_model(run.model, directory)
+        run.optimizer_plugin.save_model(model, directory)
     run.tokenizer.save_pretrained(str(directory))

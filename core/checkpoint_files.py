@@ -85,12 +85,24 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def save(run_dir: Path, step: int, writer, keep: int) -> Path:
     """Write checkpoint ``step`` atomically. ``writer(folder)`` writes the files into the
     temporary folder; lowmem then fsyncs, checksums, renames and rotates."""
+    return complete(run_dir, step, begin(run_dir, step), writer, keep)
+
+
+def begin(run_dir: Path, step: int) -> Path:
+    """The empty temporary folder checkpoint ``step`` is written into (several processes can
+    write into it before ``complete``)."""
     folder = checkpoints_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step}"
     tmp = folder / f"{TMP_PREFIX}step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp
+
+
+def complete(run_dir: Path, step: int, tmp: Path, writer, keep: int) -> Path:
+    """``writer(tmp)`` adds the last files; then the manifest, the rename and the rotation. On
+    any failure the temporary folder is removed and a ``CheckpointError`` names the file."""
+    final = checkpoints_dir(run_dir) / f"step-{step}"
     try:
         writer(tmp)
         files = checksum_files(tmp, step)

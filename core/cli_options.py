@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 import typer.core
 
-from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, TrainConfig, default_of
+from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, PARALLEL, TrainConfig, default_of
 from lowmem.errors import LowmemError, PluginFault, exit_code_of
 
 Opt = typer.Option
@@ -236,6 +236,8 @@ TRAIN_OPTIONS = (
     TrainOption("seed", ("--seed",), int),
     TrainOption("grad_accum", ("--grad-accum", "--grad_accum"), int, "Micro-batches per optimizer step",
                 positive_int),
+    TrainOption("parallel", ("--parallel",), str, "ddp (a full model per process) or fsdp (weights, "
+                "gradients and optimizer states sharded over the processes)", choice(PARALLEL)),
     TrainOption("max_grad_norm", ("--max-grad-norm", "--max_grad_norm"), float,
                 "Clip the global gradient norm; 0 turns clipping off", non_negative_float),
     TrainOption("eval_every", ("--eval-every", "--eval_every"), int,

@@ -19,7 +19,7 @@ from lowmem.cli_options import (
     size,
     with_parameters,
 )
-from lowmem.config import DTYPES, MODES
+from lowmem.config import DTYPES, MODES, PARALLEL
 from lowmem.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -53,6 +53,9 @@ def estimate(
     gpu_memory: Annotated[str | None, Opt(
         "--gpu-memory", "--gpu_memory", callback=size,
         help="What fits: the largest batch per optimizer, e.g. 24GiB")] = None,
+    nproc: Annotated[int, Opt("--nproc", callback=positive_int, help="Processes (with --parallel fsdp: "
+                              "the figures of one of them)")] = 1,
+    parallel: Annotated[str, Opt("--parallel", callback=choice(PARALLEL), help="ddp or fsdp")] = "ddp",
 ) -> None:
     """Estimate the memory training MODEL takes with each optimizer, without training (meta device).
 
@@ -67,7 +70,8 @@ def estimate(
             raise ConfigError("give --optimizer or --all, not both")
         options: dict[str, Any] = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                        per_layer=per_layer, grad_accum=grad_accum,
-                                       optimizer_config_file=optimizer_config, lean_loss=lean_loss)
+                                       optimizer_config_file=optimizer_config, lean_loss=lean_loss,
+                                       world_size=nproc, parallel=parallel)
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 

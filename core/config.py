@@ -19,6 +19,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32", "bf16-pure")
 ON_NONFINITE = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 REPORTERS = ("tensorboard", "wandb")
+# With several processes: ddp keeps a full model, gradients and optimizer state per process;
+# fsdp (FSDP2's fully_shard) gives each process 1/N of them.
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # linear warm-up in optimizer steps; None = 10% of the run
     min_lr_ratio: float = 0.1  # where the cosine ends, as a fraction of lr
     grad_accum: int = 1  # micro-batches per optimizer step
+    parallel: str = "ddp"  # one of PARALLEL: how several processes share the work
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     seed: int = 42
     # The layers LoRA adapts and GaLore projects: "" = the model's own (every linear layer of the

@@ -29,6 +29,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: str = ""
+    owns_group: bool = False  # a one-process group made for FSDP (``ensure_group``)
 
     @property
     def is_main(self) -> bool:
@@ -55,12 +56,12 @@ class DistContext:
             )
         engines = [name for name, var in SHARDING_ENGINES.items() if environ.get(var, "").lower() == "true"]
         if engines:
-            # lowmem builds its own DDP loop and never reads these settings: it would replicate
-            # the whole model on every process while the user expects it sharded.
-            raise ConfigError(
-                f"accelerate was asked for {engines[0]}, which lowmem does not use: it trains data-parallel "
-                "with DDP (a full model copy per process); launch without --use_fsdp/--use_deepspeed"
-            )
+            # lowmem builds its own loop and never reads accelerate's settings (sharding
+            # strategy, offload, wrap policy): honouring some of them silently would be worse.
+            hint = ("lowmem shards with FSDP2 itself: launch without --use_fsdp and pass --parallel fsdp"
+                    if engines[0] == "FSDP" else "launch without it (--parallel fsdp shards with FSDP2)")
+            raise ConfigError(f"accelerate was asked for {engines[0]}, whose settings lowmem does not read; "
+                              f"{hint}")
         mpi_world = max((int(environ.get(k, "1") or 1) for k in MPI_WORLD_SIZE), default=1)
         if world <= 1 and mpi_world > 1:
             # N independent jobs would each write the same run folder.
@@ -88,8 +89,10 @@ class DistContext:
         return DistributedDataParallel(model, device_ids=device_ids)
 
     def no_sync(self, model, sync: bool):
-        """Skip the all-reduce on all but the last micro-batch of an accumulation group."""
-        if self.active and not sync:
+        """Skip DDP's all-reduce on all but the last micro-batch of an accumulation group. A
+        sharded model (FSDP) reduce-scatters every micro-batch instead: it keeps only its shard
+        of the gradients, never the whole."""
+        if self.active and not sync and hasattr(model, "no_sync"):
             return model.no_sync()
         return nullcontext()
 
@@ -134,6 +137,12 @@ class DistContext:
         while each rank applies the same update to the same all-reduced gradient; an optimizer
         that keeps rank-local state or steps before the reduction makes them drift silently,
         and rank 0 alone would then save one of several different models."""
+        self.compare_across_ranks(list(model.named_parameters()), "parameters differ between ranks after "
+                                  "training", "the optimizer did not apply the same update on every process")
+
+    def compare_across_ranks(self, named: list[tuple[str, Any]], what: str, why: str = "") -> None:
+        """Raise ``ReplicaMismatch`` (``what (names): why``) unless every rank holds bit-identical
+        tensors; ``named`` lists the same names in the same order on every rank."""
         if not self.active:
             return
         import torch
@@ -141,25 +150,44 @@ class DistContext:
 
         as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         names, sums = [], []
-        for name, param in model.named_parameters():
+        for name, tensor in named:
             # Sum of the raw bit patterns: a changed element changes it (barring collisions).
-            flat = param.detach().contiguous().view(-1)
-            sums.append(flat.view(as_int[flat.element_size()]).sum(dtype=torch.int64))
+            flat = tensor.detach().contiguous().view(-1)
+            sums.append(flat.view(as_int[flat.element_size()]).sum(dtype=torch.int64).cpu())
             names.append(name)
+        # Every rank takes part even with nothing to compare: the counts must agree first.
+        counts = self.gather(len(sums))
+        if len(set(counts)) > 1:
+            raise ReplicaMismatch(f"{what}: the ranks hold {counts} such tensors")
         if not sums:
             return
-        mine = torch.stack(sums)
+        mine = torch.stack(sums).to(self._device())
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine)
         stacked = torch.stack(every)
         differ = [names[i] for i in (stacked != stacked[0]).any(0).nonzero().view(-1).tolist()]
         if differ:
             shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-            raise ReplicaMismatch(f"parameters differ between ranks after training ({shown}): the "
-                                  "optimizer did not apply the same update on every process")
+            raise ReplicaMismatch(f"{what} ({shown})" + (f": {why}" if why else ""))
+
+    def _device(self) -> Any:
+        import torch
+
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def ensure_group(self, want_cuda: bool) -> None:
+        """A process group even for a single process: FSDP's sharded parameters need one."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        self.backend = "nccl" if want_cuda and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.owns_group = True
 
     def close(self) -> None:
-        if self.active:
+        if self.active or self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():

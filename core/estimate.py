@@ -114,6 +114,8 @@ def estimate(
     grad_accum: int = 1,
     checkpointing: bool = False,
     lean_loss: bool = False,
+    world_size: int = 1,
+    parallel: str = "ddp",
 ) -> Breakdown:
     """The memory breakdown of training ``model_plugin`` with ``optimizer_plugin``.
 
@@ -157,7 +159,7 @@ def estimate(
     subtotal = weights + gradients + state + copies + activations
     if mode == "finetuning" and objective != CLASSIFICATION:
         notes.append("finetuning a language model: activations as for pretraining")
-    return Breakdown(
+    result = Breakdown(
         model=model_plugin.name, optimizer=optimizer_plugin.name,
         total_params=sum(p.numel() for p in parameters), trainable_params=sum(p.numel() for p in trainable),
         weights=weights, gradients=gradients, optimizer_states=int(state), weight_copies=copies,
@@ -168,12 +170,18 @@ def estimate(
                   "activation_checkpointing": checkpointing, "lean_loss": lean_loss,
                   "torch": torch.__version__},
     )
+    if parallel == "fsdp" and world_size > 1:  # one of several sharded processes
+        from lowmem.estimate_sharded import per_process
+
+        result = per_process(result, model, optimizer_plugin, settings, world_size)
+    return result
 
 
 def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str, batch_size: int,
                   max_length: int, dtype: str, per_layer: bool, grad_accum: int,
                   optimizer_config_file: Any = None, checkpointing: bool = False,
-                  lean_loss: bool = False) -> dict[str, Breakdown | str]:
+                  lean_loss: bool = False, world_size: int = 1,
+                  parallel: str = "ddp") -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
     that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
     from lowmem.resolve import merge_layers, read_config_file
@@ -194,6 +202,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
                 max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
                 per_layer=per_layer, grad_accum=grad_accum, checkpointing=checkpointing, lean_loss=lean_loss,
+                world_size=world_size, parallel=parallel,
             )
         except ConfigError as exc:
             if optimizer is not None:

@@ -15,9 +15,11 @@ def _storage_key(tensor) -> tuple[str, int]:
 
 def unique_tensor_bytes(tensors: Iterable[Any]) -> int:
     """Bytes of the distinct storages behind ``tensors``: shared tensors (bitsandbytes' quantile
-    maps, tied embeddings) count once."""
+    maps, tied embeddings) count once; a sharded tensor (DTensor) counts its local shard."""
+    from lowmem.sharding import local
+
     seen: dict[tuple[str, int], int] = {}
-    for tensor in tensors:
+    for tensor in map(local, tensors):
         key = _storage_key(tensor)
         seen[key] = max(seen.get(key, 0), tensor.untyped_storage().nbytes())
     return sum(seen.values())
@@ -54,6 +56,15 @@ def parameter_bytes(model) -> int:
 
 def gradient_bytes(model) -> int:
     return unique_tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def run_figures(model, optimizer, grad_bytes: int, gather) -> dict[str, int]:
+    """This process's parameter, gradient and optimizer-state bytes (its shards under FSDP) and,
+    as ``world_...``, their sums over every process (``gather``: DistContext.gather)."""
+    mine = {"param_bytes": parameter_bytes(model), "grad_bytes": grad_bytes,
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer)}
+    every = gather(mine)
+    return {**mine, **{f"world_{key}": sum(figures[key] for figures in every) for key in mine}}
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.api import Optimizer
-from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, REPORTERS, TrainConfig
+from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, PARALLEL, REPORTERS, TrainConfig
 from lowmem.errors import ConfigError
 from lowmem.registry import Registry
 
@@ -34,7 +34,8 @@ GENERIC_FILES, GENERIC_HUB = "files", "hub"
 POSITIVE = ("batch_size", "num_epochs", "max_length", "num_training_tokens", "max_steps", "grad_accum",
             "eval_batches", "log_every", "keep_checkpoints", "max_nonfinite_skips", "tmax")
 NOT_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every")
-CHOICES = {"mode": MODES, "dtype": DTYPES, "on_nonfinite": ON_NONFINITE, "device": DEVICES}
+CHOICES = {"mode": MODES, "dtype": DTYPES, "on_nonfinite": ON_NONFINITE, "device": DEVICES,
+           "parallel": PARALLEL}
 
 
 def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str], None],
@@ -44,6 +45,9 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
     check_values(config)
     optimizer = registry.optimizer(config.optimizer)
     model = registry.model_for(config.model)
+    if config.parallel == "fsdp" and not optimizer.shards:
+        raise ConfigError(f"optimizer {optimizer.name!r} does not support --parallel fsdp (its updates are "
+                          "not known to be exact on sharded parameters); use --parallel ddp")
     dataset, source = resolve_dataset(config, registry)
     changes: dict[str, Any] = {"optimizer_config": merge_optimizer_config(optimizer, config, say),
                                "dataset": dataset, "dataset_source": source, "model": model.name}

@@ -48,6 +48,12 @@ class RunResult:
     eval_pearson: float | None = None  # regression (one float label)
     eval_spearman: float | None = None  # regression
     eval_accuracy_mismatched: float | None = None  # MNLI's validation_mismatched split
+    # param_bytes, grad_bytes and optimizer_state_bytes are this process's (its shards under
+    # --parallel fsdp); these are their sums over all processes.
+    parallel: str = "ddp"
+    world_param_bytes: int | None = None
+    world_grad_bytes: int | None = None
+    world_optimizer_state_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lowmem import memory
 from lowmem.data import count_tokens, model_inputs
+from lowmem.sharding import local
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -53,24 +54,34 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
             run.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
 
-    # The step's one collective: loss sum, tokens, non-finite loss, stop request.
-    flags = torch.tensor([tokens, nonfinite_before_backward, stop_requested], dtype=torch.float64,
+    # The step's one collective: loss sum, tokens, non-finite loss, stop request, and the squared
+    # norm of the gradients an optimizer stepped on inside backward (its slices under FSDP).
+    flags = torch.tensor([tokens, nonfinite_before_backward, stop_requested, 0.0], dtype=torch.float64,
                          device=device)
     flags[1] += (~torch.isfinite(loss_sum)).to(torch.float64)
+    stepped = getattr(run.optimizer, "grad_norm_squared", None) if run.steps_in_backward else None
+    stepped_square = stepped() if stepped is not None else None
+    if stepped_square is not None:
+        flags[3] += stepped_square.to(torch.float64)
     stats = dist.sum_(torch.cat([loss_sum.reshape(1), flags]))
     grad_norm = None
+    if stepped_square is not None and not nonfinite_before_backward:
+        # DDP processes all stepped on the same averaged gradients, FSDP processes on slices.
+        copies = 1 if run.config.parallel == "fsdp" else dist.world_size
+        grad_norm = (stats[4] / copies).sqrt().to(torch.float32)
     if not nonfinite_before_backward and not run.steps_in_backward:
         if not run.grad_bytes:
             run.grad_bytes = memory.gradient_bytes(run.model)
         run.scaler.unscale_(run.optimizer)  # fp16: clip the true gradients
         max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm)
+        # Over sharded (DTensor) gradients the norm is the global one, replicated on every rank.
+        grad_norm = local(torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm))
     # With fp16 the loss scaler owns inf/NaN gradients: it skips the step and lowers the scale.
     bad_norm = stats[:1] * 0
-    if grad_norm is not None and not run.scaler.is_enabled():
+    if grad_norm is not None and not run.scaler.is_enabled() and not run.steps_in_backward:
         bad_norm = (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1)
     # The step's one host read: what happens next depends on these.
-    step_tokens, bad_loss, stop, bad_grad = torch.cat([stats[1:], bad_norm]).tolist()
+    step_tokens, bad_loss, stop, bad_grad = torch.cat([stats[1:4], bad_norm]).tolist()
     mean_loss = stats[0] / (accum * dist.world_size)
     lr = float(run.scheduler.get_last_lr()[0])
     skipped = "loss" if bad_loss else "gradient norm" if bad_grad else None

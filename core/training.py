@@ -29,6 +29,7 @@ from lowmem.registry import Registry, get_registry
 from lowmem.resolve import resolve_config
 from lowmem.result import RunResult
 from lowmem.run_files import RunFiles, library_versions
+from lowmem.sharding import check_shards
 from lowmem.step import take_step
 
 Say = Callable[[str], None]
@@ -139,13 +140,15 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
     config = job.config
     if state.step == 0:
         raise ConfigError("no training step was taken: the training data does not fill one step")
-    dist.check_replicas(job.model)
+    if config.parallel == "fsdp":
+        check_shards(job.model, job.optimizer, dist)  # shards differ by design; the rest must not
+    else:
+        dist.check_replicas(job.model)
     final_eval = evaluate(job)
     files.log({"step": state.step, "tokens": state.tokens, **final_eval})
     state.wall_seconds = time.perf_counter() - started
     checkpoint.save(job, state, dist)
-    if dist.is_main:
-        checkpoint.export_model(job, Path(config.output_dir) / "model")
+    checkpoint.export_model(job, Path(config.output_dir) / "model", dist.is_main)
     if last_loss is None:  # resumed at the very end: the last loss is in the log
         last_loss = (files.logged_losses() or [float("nan")])[-1]
     trainable, total_params = memory.parameter_counts(job.model)
@@ -156,13 +159,12 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
         wall_seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
         tokens_per_second=state.tokens / max(state.train_seconds, 1e-9),
         step_seconds=state.train_seconds / state.step,
-        param_bytes=memory.parameter_bytes(job.model), grad_bytes=job.grad_bytes,
-        optimizer_state_bytes=memory.optimizer_state_bytes(job.optimizer),
+        **memory.run_figures(job.model, job.optimizer, job.grad_bytes, dist.gather),
         trainable_params=trainable, total_params=total_params, peak_rss_bytes=memory.peak_rss_bytes(),
         peak_allocated_bytes=peaks.get("peak_allocated_bytes"),
         peak_reserved_bytes=peaks.get("peak_reserved_bytes"),
         peak_memory_bytes=peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()),
-        world_size=dist.world_size,
+        world_size=dist.world_size, parallel=config.parallel,
     )
     files.write_summary(result.to_json())
     return result

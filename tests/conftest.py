@@ -85,3 +85,52 @@ def cli(plugins, monkeypatch):
         return runner.invoke(cli_module.app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def launch_env(tmp_path_factory):
+    """The environment of a torchrun-launched worker: tiny models via an entry point, offline.
+
+    Torchrun workers are fresh interpreters that cannot see the tiny models registered here in
+    process, so they load tests/tiny_plugin.py through a fake installed distribution."""
+    from pathlib import Path
+
+    site = tmp_path_factory.mktemp("site")
+    info = site / "lowmem_tiny_test-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lowmem-tiny-test\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lowmem]\ntiny = tiny_plugin\n")
+    path = [str(site), str(Path(__file__).resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {
+        **os.environ, "PYTHONPATH": os.pathsep.join(path), "LOWMEM_LOAD_PLUGINS": "tiny",
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        # Shared with the in-process runs: the same cached tokenizer on both sides.
+        "LOWMEM_CACHE_DIR": os.environ["LOWMEM_CACHE_DIR"],
+        # One thread per worker, as the in-process runs use: CPU SVD is bitwise repeatable
+        # only at a fixed thread count.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def sharded_runs(launch_env, tmp_path_factory):
+    """``lowmem train --nproc 2 --parallel fsdp`` per optimizer, run once per test session;
+    returns the folder holding its run (``run``) and settings files."""
+    from pathlib import Path
+
+    from support_fsdp import fsdp_args
+    from support_runs import launch
+
+    runs: dict[str, Path] = {}
+
+    def get(optimizer: str) -> Path:
+        if optimizer not in runs:
+            folder = tmp_path_factory.mktemp(f"fsdp-{optimizer.replace('+', '-')}")
+            result = launch(launch_env, *fsdp_args(folder, optimizer, "run", ["--parallel", "fsdp"]),
+                            "--nproc", "2")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert result.stdout.count("lowmem run:") == 1 and "error" not in result.stderr
+            runs[optimizer] = folder
+        return runs[optimizer]
+
+    return get

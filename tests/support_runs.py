@@ -96,6 +96,15 @@ def resume_args(args: list[str], out: Path) -> list[str]:
     return [*args, "--resume", "latest"]
 
 
+LAUNCH_TIMEOUT = 300
+
+
+def launch(env, *args, launcher=("-m", "lowmem")) -> subprocess.CompletedProcess:
+    """lowmem (or another launcher) in a fresh process with ``env`` (conftest's launch_env)."""
+    return subprocess.run([sys.executable, *launcher, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT)
+
+
 def run_lowmem(args: list[str], fault: str = "", **popen) -> subprocess.Popen:
     """lowmem's CLI in a fresh process with the tiny test models registered; ``fault`` is a
     ``tests/fault_injection.py`` instruction such as ``kill:manifest@6``."""

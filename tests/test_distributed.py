@@ -14,9 +14,7 @@ in-process, so they load tests/tiny_plugin.py through a fake installed distribut
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,39 +22,13 @@ from support_runs import (
     assert_runs_identical,
     final_tensors,
     interrupted_copy,
+    launch,
     pretrain_args,
     resume_args,
     train_losses,
 )
 
-TESTS = Path(__file__).resolve().parent
 TOKENS = 2560  # 10 full steps of 2 x 4 x 32 tokens: no partial last step to compose differently
-LAUNCH_TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def launch_env(tmp_path_factory):
-    """The environment of a torchrun-launched worker: tiny models via an entry point, offline."""
-    site = tmp_path_factory.mktemp("site")
-    info = site / "lowmem_tiny_test-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lowmem-tiny-test\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[lowmem]\ntiny = tiny_plugin\n")
-    path = [str(site), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {
-        **os.environ, "PYTHONPATH": os.pathsep.join(path), "LOWMEM_LOAD_PLUGINS": "tiny",
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        # Shared with the in-process runs: the same cached tokenizer on both sides.
-        "LOWMEM_CACHE_DIR": os.environ["LOWMEM_CACHE_DIR"],
-        # One thread per worker, as the in-process runs use: CPU SVD is bitwise repeatable
-        # only at a fixed thread count.
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def launch(env, *args, launcher=("-m", "lowmem")) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *launcher, *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT)
 
 
 def ddp_args(tmp_path: Path, optimizer: str, out: str, extra=()) -> list[str]:
@@ -150,16 +122,13 @@ def test_torchrun_directly(launch_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_per_layer_galore_is_refused_in_one_line(launch_env, tmp_path):
-    config = tmp_path / "per_layer.json"
-    config.write_text(json.dumps({"rank": 4, "per_layer": True}))
-    result = launch(launch_env,
-                    *pretrain_args(tmp_path, "galore",
-                                   extra=["--optimizer-config", str(config), "--max-grad-norm", "0"]),
-                    "--nproc", "2")
+def test_updating_in_backward_before_the_reduction_is_refused_in_one_line(launch_env, tmp_path):
+    """LOMO updates inside its own fused backward, before DDP could average the gradients."""
+    args = pretrain_args(tmp_path, "lomo", extra=["--max-grad-norm", "0"])
+    result = launch(launch_env, *args, "--nproc", "2")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "'per_layer' runs on a single process only" in errors[0], result.stderr
+    assert len(errors) == 1 and "before DDP averages the gradients" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -165,11 +165,9 @@ def test_per_layer_zero_grad_restarts_the_window():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "needle"),
-    [({"max_grad_norm": 1.0}, "--max-grad-norm 0"), ({"world_size": 2}, "single process")],
-)
+@pytest.mark.parametrize(("overrides", "needle"), [({"max_grad_norm": 1.0}, "--max-grad-norm 0")])
 def test_per_layer_refuses_what_cannot_combine(overrides, needle):
+    """Several processes are fine: each weight steps on its averaged gradient (test_fsdp_galore)."""
     with pytest.raises(lowmem.ConfigError, match="per_layer") as info:
         setup("galore", config={"rank": 8, "per_layer": True}, **overrides)
     assert needle in str(info.value)

@@ -54,6 +54,7 @@ class Baseline(lowmem.Optimizer):
     name = "baseline"
     description = "AdamW over all parameters (full-rank reference)"
     reference = True  # lowmem compare gives every ratio against this one
+    shards = True  # torch's AdamW steps DTensor shards elementwise: exact under FSDP
 
     def build(self, model, settings):
         return build_adamw(model, settings)

@@ -96,11 +96,8 @@ def check_updates_in_backward(settings: lowmem.OptimizerSettings, what: str) -> 
             f"{what}: each parameter steps during backward, so clipping by the norm over all "
             f"parameters is impossible (max_grad_norm is {settings.max_grad_norm}); pass --max-grad-norm 0"
         )
-    if settings.world_size > 1:
-        raise lowmem.ConfigError(
-            f"{what} runs on a single process only (world size is {settings.world_size}): "
-            "gradients would be stepped before they are reduced across processes"
-        )
+    # Several processes: lowmem refuses an optimizer that cannot step after DDP's reduction
+    # (PerLayerOptimizer can: step_after_reduction; LOMO's fused backward cannot).
 
 
 def whole_or_per_layer(

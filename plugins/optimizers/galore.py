@@ -80,9 +80,16 @@ class GaLore(lowmem.Optimizer):
     description = "GaLore: AdamW with low-rank projected gradients on attention/MLP weights"
     default_config = dict(GALORE_DEFAULTS)
     config_files: ClassVar[tuple[str, ...]] = ("galore",)
+    shards = True  # FSDP: each process projects its slice with the whole gradient's factor
 
     def check_config(self, config):
         check_galore_config(config)
+
+    def shard_dims(self, model, settings):
+        from lowmem.plugins.optimizers.galore_sharded import shard_dims
+
+        proj_type = plugin_config(self, settings)["proj_type"]
+        return shard_dims(self.projected_weights(model, settings), proj_type, settings.world_size)
 
     def projected_weights(self, model, settings) -> list[tuple[str, Any]]:
         from lowmem.plugins.optimizers.targets import target_weights
@@ -124,6 +131,12 @@ class GaLore(lowmem.Optimizer):
         config = self.with_rank(model, settings, projected, settings.say)
         make_optimizer, on_inner_change = self.make_optimizer_factory(settings, config)
         return build_galore(model, settings, config, projected, make_optimizer, on_inner_change)
+
+    def replicated_state_bytes(self, model, settings):
+        from lowmem.plugins.optimizers.galore_sharded import replicated_state_bytes
+
+        projected = self.projected_weights(model, settings)
+        return replicated_state_bytes(model, projected, self.with_rank(model, settings, projected))
 
     def state_bytes(self, model, settings):
         from lowmem.plugins.optimizers.galore_common import galore_state_bytes

@@ -21,12 +21,16 @@ from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
 from bitsandbytes.utils import sync_gpu  # noqa: E402
 
 from lowmem.plugins.optimizers.galore_common import ProjectorStateMixin, new_projector  # noqa: E402
+from lowmem.plugins.optimizers.galore_sharded import on_local_shards  # noqa: E402
 
 
+@on_local_shards  # FSDP: steps each process's slices (galore_sharded)
 class GaLoreAdamW8bit(ProjectorStateMixin, Optimizer2State):
     """AdamW with blockwise 8-bit moments; groups with a ``rank`` key are GaLore-projected.
     eps (1e-8, bitsandbytes' and galore_torch's AdamW8bit default) is the same for every group:
     projected updates and plain ones go through the same bitsandbytes kernel."""
+
+    projector_waits_for_gradient = True  # see _projected_step
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, min_8bit_size: int = 4096,
                  betas=(0.9, 0.999), eps: float = 1e-8):

@@ -19,6 +19,7 @@ from galore_torch import GaLoreAdamW  # noqa: E402
 from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
 
 import lowmem  # noqa: E402
+from lowmem.plugins.optimizers.galore_sharded import on_local_shards  # noqa: E402
 
 GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 # galore_torch.GaLoreAdamW's default eps (transformers' old AdamW's); lowmem's galore keeps it, so
@@ -65,11 +66,8 @@ def check_per_layer(settings: lowmem.OptimizerSettings) -> None:
             "'per_layer': each parameter steps during backward, so clipping by the norm over all "
             f"parameters is impossible (max_grad_norm is {settings.max_grad_norm}); pass --max-grad-norm 0"
         )
-    if settings.world_size > 1:
-        raise lowmem.ConfigError(
-            f"'per_layer' runs on a single process only (world size is {settings.world_size}): "
-            "gradients would be stepped before they are reduced across processes"
-        )
+    # Several processes: FSDP calls the gradient hooks after its reduction, and under DDP
+    # lowmem steps from a communication hook instead (PerLayerOptimizer.step_after_reduction).
 
 
 def galore_groups(
@@ -225,6 +223,7 @@ class ProjectorStateMixin(torch.optim.Optimizer):
                     self.state[p]["projector"] = projector
 
 
+@on_local_shards  # FSDP: steps each process's slices (galore_sharded)
 class LowmemGaLoreAdamW(ProjectorStateMixin, GaLoreAdamW):
     """galore_torch's GaLoreAdamW with compact projectors and a weights_only-loadable state.
     eps is galore_torch's default, for the projected and the plain groups alike."""

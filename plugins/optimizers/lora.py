@@ -105,6 +105,7 @@ class LoRA(lowmem.Optimizer):
     description = "LoRA adapters (peft) on attention/MLP layers, AdamW on the adapters"
     default_config = dict(LORA_DEFAULTS)
     config_files = ("lora",)
+    shards = True  # torch's AdamW steps DTensor shards elementwise: exact under FSDP
 
     def check_config(self, config):
         check_lora_config(config)

@@ -49,6 +49,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.param_groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
         # Hook calls since each parameter's last step.
         self.micro_batches = [0] * len(params)
+        self.norm_squared: torch.Tensor | None = None  # of the gradients stepped on since zero_grad
         self.hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(index)) for index, p in enumerate(params)
         ]
@@ -60,10 +61,45 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             if self.micro_batches[index] < self.grad_accum:
                 return
             self.micro_batches[index] = 0
-            self.inner_optimizers[index].step()
-            param.grad = None  # the whole point: this gradient is not kept until the end
+            self._step_one(index, param)
 
         return after_grad
+
+    def _step_one(self, index: int, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is not None:
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP slice: its part
+            square = local.detach().float().pow(2).sum()
+            self.norm_squared = square if self.norm_squared is None else self.norm_squared + square
+        self.inner_optimizers[index].step()
+        param.grad = None  # the whole point: this gradient is not kept until the end
+
+    def grad_norm_squared(self) -> torch.Tensor | None:
+        """The squared norm of the gradients this process stepped on since ``zero_grad`` (its
+        slices of them under FSDP), on their device; lowmem sums it over the processes."""
+        return self.norm_squared
+
+    def step_after_reduction(self, ddp_model: Any) -> None:
+        """Under DDP: step each parameter once DDP has averaged its gradient over the processes,
+        from a communication hook on DDP's gradient buckets, instead of from the gradient hook,
+        which fires before the reduction. DDP reduces on the last micro-batch of a step only, so
+        each parameter steps once per step on the whole accumulated, averaged gradient."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.remove_hooks()
+        index = {id(p): i for i, p in enumerate(self.parameters_in_order)}
+
+        def reduce_then_step(state, bucket):  # no annotations: DDP checks them against its own
+            def step_bucket(future: Any) -> Any:
+                for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                    if id(param) in index:
+                        param.grad = grad  # a view of the averaged bucket
+                        self._step_one(index[id(param)], param)
+                return future.value()
+
+            return allreduce_hook(state, bucket).then(step_bucket)
+
+        ddp_model.register_comm_hook(None, reduce_then_step)
 
     def _inner_changed(self) -> None:
         # Expose the inner states as this optimizer's state (tools measure optimizer.state);
@@ -91,6 +127,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.detach_().zero_()
         self.micro_batches = [0] * len(self.micro_batches)
+        self.norm_squared = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "inner_optimizers"):

@@ -1,0 +1,144 @@
+"""--parallel fsdp: real 2-process gloo runs on CPU with FSDP2-sharded models.
+
+Two sharded processes with --batch_size B take the steps of one process with --batch_size B
+--grad-accum 2 (the same data per step, gradients averaged the same way); sharding changes only
+the order of a few float sums (the gradient norm over shards), so losses agree to 1e-5 and not
+necessarily bit for bit. Each process holds half of every parameter, gradient and moment.
+Checkpoints are sharded (DCP) and load into one or two processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support_fsdp import assert_close_losses, fsdp_args
+from support_runs import interrupted_copy, launch, pretrain_args, read_metrics, resume_args, train_losses
+
+
+@pytest.mark.parametrize("optimizer", ["baseline", "lora"])
+def test_two_sharded_processes_equal_one_with_accumulation(cli, tmp_path, sharded_runs, optimizer):
+    folder = sharded_runs(optimizer)
+    run = folder / "run"
+    config, summary = (json.loads((run / name).read_text()) for name in ("config.json", "summary.json"))
+    assert config["parallel"] == "fsdp" and config["world_size"] == 2
+    assert summary["parallel"] == "fsdp" and summary["world_size"] == 2 and summary["steps"] == 10
+
+    single = cli(*fsdp_args(tmp_path, optimizer, "accum", ["--grad-accum", "2"]))
+    assert single.exit_code == 0, single.output
+    assert len(train_losses(run)) >= 8
+    assert_close_losses(run, tmp_path / "accum")
+
+    one = json.loads((tmp_path / "accum" / "summary.json").read_text())
+    for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
+        assert 0 < summary[key] <= 0.55 * one[key], key  # each process holds half
+        assert summary[f"world_{key}"] == pytest.approx(one[key], rel=0.01), key  # the halves add up
+        assert one[f"world_{key}"] == one[key]
+
+    # The exported model is the whole gathered model, as a single process writes it.
+    import safetensors.torch
+    import torch
+
+    sharded = safetensors.torch.load_file(str(run / "model" / "model.safetensors"))
+    plain = safetensors.torch.load_file(str(tmp_path / "accum" / "model" / "model.safetensors"))
+    assert sharded.keys() == plain.keys()
+    for name, tensor in plain.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-5)
+    if optimizer == "lora":
+        assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_one_sharded_process_equals_a_plain_run(cli, tmp_path):
+    """FSDP over one process (a single shard) is the plain run bit for bit, checkpoints included."""
+    for name, extra in (("plain", []), ("sharded", ["--parallel", "fsdp"])):
+        result = cli(*pretrain_args(tmp_path, "baseline", out=name, tokens=1024, extra=extra))
+        assert result.exit_code == 0, result.output
+    assert [r.get("loss") for r in read_metrics(tmp_path / "sharded")] == \
+        [r.get("loss") for r in read_metrics(tmp_path / "plain")]
+    checkpoint = tmp_path / "sharded" / "checkpoints" / "step-8"
+    assert (checkpoint / "shards").is_dir() and not (checkpoint / "optimizer.pt").exists()
+    assert "shards/" in " ".join(json.loads((checkpoint / "manifest.json").read_text())["files"])
+
+
+def test_sharded_resume_at_the_same_world_size_is_exact(launch_env, tmp_path, sharded_runs):
+    folder = sharded_runs("baseline")
+    resumed = interrupted_copy(folder / "run", tmp_path / "resumed", step=3)
+    args = resume_args(fsdp_args(folder, "baseline", "run", ["--parallel", "fsdp"]), resumed)
+    result = launch(launch_env, *args, "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("resumed from") == 1
+    assert train_losses(resumed) == train_losses(folder / "run")
+
+
+def test_two_sharded_processes_resume_on_one(cli, tmp_path, sharded_runs):
+    folder = sharded_runs("baseline")
+    resumed = interrupted_copy(folder / "run", tmp_path / "resumed", step=3)
+    args = resume_args(fsdp_args(folder, "baseline", "run", ["--parallel", "fsdp"]), resumed)
+    refused = cli(*args)  # one process would take half the step
+    assert refused.exit_code == 2 and "use --grad-accum 2" in refused.output
+    result = cli(*args, "--grad-accum", "2")
+    assert result.exit_code == 0, result.output
+    assert_close_losses(resumed, folder / "run")
+
+
+@pytest.mark.slow
+def test_one_sharded_process_resumes_on_two(cli, launch_env, tmp_path):
+    args = fsdp_args(tmp_path, "lora", "one", ["--parallel", "fsdp", "--grad-accum", "2"])
+    assert cli(*args).exit_code == 0
+    resumed = interrupted_copy(tmp_path / "one", tmp_path / "resumed", step=6)
+    args = [a if a != "2" or args[i - 1] != "--grad-accum" else "1" for i, a in enumerate(args)]
+    result = launch(launch_env, *resume_args(args, resumed), "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_close_losses(resumed, tmp_path / "one")
+
+
+def test_optimizers_that_do_not_shard_are_refused_in_one_line(cli, tmp_path):
+    result = cli(*pretrain_args(tmp_path, "adafactor", extra=["--parallel", "fsdp"]))
+    assert result.exit_code == 2
+    assert "does not support --parallel fsdp" in result.output and "Traceback" not in result.output
+    assert cli(*pretrain_args(tmp_path, "baseline", extra=["--parallel", "zero"])).exit_code == 2
+
+
+def test_ddp_checkpoints_do_not_resume_sharded(cli, tmp_path):
+    args = pretrain_args(tmp_path, "baseline", tokens=512)
+    assert cli(*args).exit_code == 0
+    result = cli(*resume_args(args, tmp_path / "run"), "--parallel", "fsdp")
+    assert result.exit_code == 2 and "parallel" in result.output
+
+
+# -- the end-of-run check of a sharded run -----------------------------------------------------
+def _sharded_worker(rank: int, init_file: str, outcome: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from lowmem.distributed import DistContext, ReplicaMismatch
+    from lowmem.sharding import check_shards, shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    context = DistContext(rank, 2, rank, "gloo")
+    torch.manual_seed(0)
+    model = shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), "fp32", torch.device("cpu"), {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight = model[0].weight
+    assert tuple(weight.to_local().shape) == (2, 4)  # rows split over the two ranks
+    optimizer.state[weight]["projection"] = torch.full((2, 2), float(rank == 0))  # differs by rank
+    optimizer.state[weight]["moment"] = torch.distributed.tensor.zeros(  # sharded: may differ
+        (4, 4), device_mesh=weight.device_mesh, placements=weight.placements) + rank
+    try:
+        check_shards(model, optimizer, context)
+        Path(f"{outcome}.{rank}").write_text("passed")
+    except ReplicaMismatch as exc:
+        Path(f"{outcome}.{rank}").write_text(str(exc))
+    context.close()
+
+
+def test_sharded_runs_check_what_must_be_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    outcome = tmp_path / "outcome"
+    mp.start_processes(_sharded_worker, args=(str(tmp_path / "init"), str(outcome)), nprocs=2, join=True,
+                       start_method="fork")  # the parent has imported everything already
+    for rank in (0, 1):
+        message = Path(f"{outcome}.{rank}").read_text()
+        assert "differs between ranks" in message and "0.weight" in message, message

@@ -103,10 +103,7 @@ def save(run, state: TrainState, dist) -> Path | None:
             path = files.save(run_dir, state.step, write, run.config.keep_checkpoints)
         except CheckpointError as exc:
             error = str(exc)
-    # Every rank learns whether rank 0's save worked, so all stop together instead of hanging.
-    error = dist.broadcast(error)
-    if error:
-        raise CheckpointError(error)
+    raise_on_every_rank(dist, error)
     return path
 
 
@@ -138,10 +135,16 @@ def save_sharded(run, state: TrainState, dist, write) -> Path | None:
                                       run.config.keep_checkpoints)
             except CheckpointError as exc:
                 error = str(exc)
+    raise_on_every_rank(dist, error)
+    return path
+
+
+def raise_on_every_rank(dist, error: str | None) -> None:
+    """Every rank learns whether rank 0's part of a save worked, so all stop together instead of
+    some hanging in the next collective."""
     error = dist.broadcast(error)
     if error:
         raise CheckpointError(error)
-    return path
 
 
 def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int,

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lowmem.plugins.optimizers.per_layer import drop_gradients
+
 
 class PackageView:
     """What lomo-optim iterates as "the model"."""
@@ -119,12 +121,7 @@ class LomoInBackward(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients and start a new accumulation window."""
-        for p in self.parameters_in_order:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_().zero_()
+        drop_gradients(self.parameters_in_order, set_to_none)
         self.micro_batches = [0] * len(self.micro_batches)
         self.window_updated = False
 

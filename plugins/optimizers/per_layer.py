@@ -24,6 +24,16 @@ from typing import Any
 import torch
 
 
+def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
+    """``zero_grad`` for optimizers that update inside backward: the gradients a skipped or
+    finished window left behind go, freed or zeroed."""
+    for p in params:
+        if p.grad is not None:
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
 class PerLayerOptimizer(torch.optim.Optimizer):
     # Tells the training loop that updates happen inside backward: there is no moment to
     # unscale (fp16) or clip gradients, so it refuses fp16 instead of stepping on scaled grads.
@@ -120,12 +130,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the gradients and start a new accumulation window (a loop that skips a
         non-finite batch calls this mid-window)."""
-        for p in self.parameters_in_order:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_().zero_()
+        drop_gradients(self.parameters_in_order, set_to_none)
         self.micro_batches = [0] * len(self.micro_batches)
         self.norm_squared = None
 

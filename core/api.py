@@ -43,7 +43,9 @@ class OptimizerSettings:
     target_modules: tuple[str, ...] = ()
     objective: str = CAUSAL_LM
     grad_accum: int = 1
-    max_grad_norm: float = 0.0
+    # The user's --max-grad-norm; None: not given (lowmem clips at 1.0, or not at all for an
+    # optimizer that updates inside backward). Such an optimizer refuses only a given one > 0.
+    max_grad_norm: float | None = 0.0
     world_size: int = 1
     # False (the default, as in Hugging Face Trainer): biases and normalisation weights get no
     # weight decay. True: every trainable parameter is decayed.
@@ -53,6 +55,10 @@ class OptimizerSettings:
     # "ddp" or "fsdp" (``--parallel``): with "fsdp" and several processes, ``build`` receives
     # sharded parameters (DTensors; see ``Optimizer.shards``).
     parallel: str = "ddp"
+    # With bf16 weights (``--dtype bf16-pure``): how updates are written back, "kahan",
+    # "stochastic" or "nearest". An optimizer lowmem builds is wrapped by ``lowmem.rounding``'s
+    # ``compensated``; one that updates inside backward applies ``fp32_update`` itself.
+    bf16_rounding: str = "kahan"
 
 
 class Optimizer:

@@ -27,6 +27,7 @@ from lowmem.config import TrainConfig
 from lowmem.distributed import DistContext
 from lowmem.errors import ConfigError
 from lowmem.registry import Registry
+from lowmem.rounding import compensated
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -59,6 +60,7 @@ class Run:
     warmup_steps: int
     # The optimizer updates inside backward (see lowmem.Optimizer): nothing to unscale or clip.
     steps_in_backward: bool
+    max_grad_norm: float  # the clipping applied: --max-grad-norm, or its default for this optimizer
     dtype: str  # the resolved --dtype: bf16, fp16, fp32 or bf16-pure
     grad_bytes: int = 0  # gradient memory, measured at the first step
     # --lean-loss: (parent module, attribute, head) of the output layer the chunked loss replaces.
@@ -125,6 +127,7 @@ def optimizer_settings(config: TrainConfig, objective: str, targets: tuple[str, 
         target_modules=targets, objective=objective, grad_accum=config.grad_accum,
         max_grad_norm=config.max_grad_norm, world_size=world_size,
         decay_norms_and_biases=config.decay_norms_and_biases, say=say, parallel=config.parallel,
+        bf16_rounding=config.bf16_rounding,
     )
 
 
@@ -196,6 +199,13 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     with registry.guard(optimizer_plugin, "build"):
         optimizer = optimizer_plugin.build(model, settings)
     steps_in_backward = bool(getattr(optimizer, "steps_in_backward", False))
+    if not steps_in_backward:  # bf16-pure: updates in fp32 with compensation, whoever built it
+        compensated(optimizer, config.bf16_rounding)
+    if steps_in_backward and config.max_grad_norm:
+        raise ConfigError(f"optimizer {config.optimizer!r} updates inside backward, so it cannot clip by the "
+                          "global gradient norm; pass --max-grad-norm 0 or leave it unset")
+    default_clip = 0.0 if steps_in_backward else 1.0
+    max_grad_norm = config.max_grad_norm if config.max_grad_norm is not None else default_clip
     if steps_in_backward and dtype == "fp16":
         raise ConfigError(
             f"optimizer {config.optimizer!r} updates inside backward, where fp16 loss scaling cannot "
@@ -225,7 +235,7 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
         train_model=train_model, trainable_parameters=[p for p in model.parameters() if p.requires_grad],
         optimizer=optimizer, scheduler=scheduler,
         scaler=precision.loss_scaler(dtype, device), total_steps=total, warmup_steps=warmup,
-        steps_in_backward=steps_in_backward, dtype=dtype, lean_head=lean_head,
+        steps_in_backward=steps_in_backward, max_grad_norm=max_grad_norm, dtype=dtype, lean_head=lean_head,
         plain_model=plain_model_builder(model_plugin, optimizer_plugin, request, settings, dtype)
         if sharded else None,
     )

@@ -17,7 +17,16 @@ from typing import Annotated, Any
 import typer
 import typer.core
 
-from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, PARALLEL, TrainConfig, default_of
+from lowmem.config import (
+    BF16_ROUNDINGS,
+    DEVICES,
+    DTYPES,
+    MODES,
+    ON_NONFINITE,
+    PARALLEL,
+    TrainConfig,
+    default_of,
+)
 from lowmem.errors import LowmemError, PluginFault, exit_code_of
 
 Opt = typer.Option
@@ -228,6 +237,9 @@ TRAIN_OPTIONS = (
     TrainOption("compile", ("--compile",), bool, "torch.compile the model (inductor)"),
     TrainOption("lean_loss", ("--lean-loss",), bool,
                 "Causal LMs: compute the loss in chunks, never the whole batch's logits"),
+    TrainOption("bf16_rounding", ("--bf16-rounding",), str,
+                "With --dtype bf16-pure: kahan (keeps small updates; 2 bytes/weight), stochastic "
+                "(no memory, noisier) or nearest (small updates are lost)", choice(BF16_ROUNDINGS)),
     TrainOption("test", ("--test",), str, "Smoke mode: ~1000 tokens or a few batches", boolean, "false"),
     TrainOption("dataset", ("--dataset",), str,
                 "A registered dataset, a local file or folder, or a hub id (default: per mode)"),
@@ -238,8 +250,9 @@ TRAIN_OPTIONS = (
                 positive_int),
     TrainOption("parallel", ("--parallel",), str, "ddp (a full model per process) or fsdp (weights, "
                 "gradients and optimizer states sharded over the processes)", choice(PARALLEL)),
-    TrainOption("max_grad_norm", ("--max-grad-norm", "--max_grad_norm"), float,
-                "Clip the global gradient norm; 0 turns clipping off", non_negative_float),
+    TrainOption("max_grad_norm", ("--max-grad-norm", "--max_grad_norm"), float | None,
+                "Clip the global gradient norm; 0 turns clipping off (default: 1.0, none for optimizers "
+                "that update inside backward)", non_negative_float),
     TrainOption("eval_every", ("--eval-every", "--eval_every"), int,
                 "Evaluate every N optimizer steps (0: at the end only)", non_negative_int),
     TrainOption("eval_batches", ("--eval-batches", "--eval_batches"), int, "Held-out batches per evaluation",

@@ -19,7 +19,7 @@ from lowmem.cli_options import (
     size,
     with_parameters,
 )
-from lowmem.config import DTYPES, MODES, PARALLEL
+from lowmem.config import BF16_ROUNDINGS, DTYPES, MODES, PARALLEL
 from lowmem.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -56,6 +56,8 @@ def estimate(
     nproc: Annotated[int, Opt("--nproc", callback=positive_int, help="Processes (with --parallel fsdp: "
                               "the figures of one of them)")] = 1,
     parallel: Annotated[str, Opt("--parallel", callback=choice(PARALLEL), help="ddp or fsdp")] = "ddp",
+    bf16_rounding: Annotated[str, Opt("--bf16-rounding", callback=choice(BF16_ROUNDINGS),
+                                      help="With --dtype bf16-pure: kahan, stochastic or nearest")] = "kahan",
 ) -> None:
     """Estimate the memory training MODEL takes with each optimizer, without training (meta device).
 
@@ -71,7 +73,7 @@ def estimate(
         options: dict[str, Any] = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                        per_layer=per_layer, grad_accum=grad_accum,
                                        optimizer_config_file=optimizer_config, lean_loss=lean_loss,
-                                       world_size=nproc, parallel=parallel)
+                                       world_size=nproc, parallel=parallel, bf16_rounding=bf16_rounding)
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 

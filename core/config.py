@@ -22,6 +22,7 @@ REPORTERS = ("tensorboard", "wandb")
 # With several processes: ddp keeps a full model, gradients and optimizer state per process;
 # fsdp (FSDP2's fully_shard) gives each process 1/N of them.
 PARALLEL = ("ddp", "fsdp")
+BF16_ROUNDINGS = ("kahan", "stochastic", "nearest")  # lowmem.rounding.ROUNDINGS
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # where the cosine ends, as a fraction of lr
     grad_accum: int = 1  # micro-batches per optimizer step
     parallel: str = "ddp"  # one of PARALLEL: how several processes share the work
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+    # Clip the global gradient norm; 0: no clipping. None: 1.0, or none for an optimizer that
+    # updates inside backward (per-layer, LOMO), which cannot clip by the global norm.
+    max_grad_norm: float | None = None
     seed: int = 42
     # The layers LoRA adapts and GaLore projects: "" = the model's own (every linear layer of the
     # transformer blocks for a Hugging Face folder), comma-separated names, a regular expression
@@ -63,6 +66,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (inductor)
     # Causal LMs: the loss a chunk of tokens at a time, never the whole batch's fp32 logits.
     lean_loss: bool = False
+    # --dtype bf16-pure: how an update is written into a bf16 weight (lowmem.rounding). "kahan":
+    # exact to about 16 bits, 2 bytes of state per weight; "stochastic": exact in expectation, no
+    # state; "nearest": what plain bf16 arithmetic does (small updates are lost).
+    bf16_rounding: str = "kahan"
     test: bool = False  # smoke mode: ~1000 pretraining tokens at length <= 32, or 4 finetuning batches
     # JSON files read into the optimizer's settings (the seed's --lora_config / --galore_config
     # apply to optimizers that declare them in ``config_files``; the third to any optimizer).

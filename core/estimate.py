@@ -31,6 +31,7 @@ from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, Optimizer
 from lowmem.errors import ConfigError
 from lowmem.modeling import choose_targets
 from lowmem.precision import DTYPE_BYTES, cast_weights, uses_autocast, weight_bytes_per_element
+from lowmem.rounding import compensation_bytes
 
 GENERIC_GUESS = "generic AdamW-like guess"
 FRAMEWORK_OVERHEAD = 0.10
@@ -116,6 +117,7 @@ def estimate(
     lean_loss: bool = False,
     world_size: int = 1,
     parallel: str = "ddp",
+    bf16_rounding: str = "kahan",
 ) -> Breakdown:
     """The memory breakdown of training ``model_plugin`` with ``optimizer_plugin``.
 
@@ -153,6 +155,11 @@ def estimate(
         state_source = GENERIC_GUESS
         state = sum(2 * p.numel() * 4 for p in trainable)
         notes.append(f"optimizer states: {GENERIC_GUESS} (two fp32 moments per trainable parameter)")
+    compensation = compensation_bytes(trainable, bf16_rounding)
+    if compensation:
+        state += compensation
+        notes.append("optimizer states: + 2 bytes per bf16 trainable weight, the compensation that keeps "
+                     "small updates in bf16-pure")
     copies = autocast_weight_copy_bytes(model, dtype)
     activations = activation_bytes(model.config if hasattr(model, "config") else None, batch_size,
                                    max_length, dtype, objective, checkpointing, lean_loss)
@@ -168,6 +175,7 @@ def estimate(
         settings={"mode": mode, "objective": objective, "batch_size": batch_size, "max_length": max_length,
                   "dtype": dtype, "grad_accum": grad_accum, "optimizer_config": config,
                   "activation_checkpointing": checkpointing, "lean_loss": lean_loss,
+                  "bf16_rounding": bf16_rounding,
                   "torch": torch.__version__},
     )
     if parallel == "fsdp" and world_size > 1:  # one of several sharded processes
@@ -181,7 +189,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                   max_length: int, dtype: str, per_layer: bool, grad_accum: int,
                   optimizer_config_file: Any = None, checkpointing: bool = False,
                   lean_loss: bool = False, world_size: int = 1,
-                  parallel: str = "ddp") -> dict[str, Breakdown | str]:
+                  parallel: str = "ddp", bf16_rounding: str = "kahan") -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
     that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
     from lowmem.resolve import merge_layers, read_config_file
@@ -202,7 +210,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
                 max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
                 per_layer=per_layer, grad_accum=grad_accum, checkpointing=checkpointing, lean_loss=lean_loss,
-                world_size=world_size, parallel=parallel,
+                world_size=world_size, parallel=parallel, bf16_rounding=bf16_rounding,
             )
         except ConfigError as exc:
             if optimizer is not None:

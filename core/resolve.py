@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.api import Optimizer
-from lowmem.config import DEVICES, DTYPES, MODES, ON_NONFINITE, PARALLEL, REPORTERS, TrainConfig
+from lowmem.config import (
+    BF16_ROUNDINGS,
+    DEVICES,
+    DTYPES,
+    MODES,
+    ON_NONFINITE,
+    PARALLEL,
+    REPORTERS,
+    TrainConfig,
+)
 from lowmem.errors import ConfigError
 from lowmem.registry import Registry
 
@@ -35,7 +44,7 @@ POSITIVE = ("batch_size", "num_epochs", "max_length", "num_training_tokens", "ma
             "eval_batches", "log_every", "keep_checkpoints", "max_nonfinite_skips", "tmax")
 NOT_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every")
 CHOICES = {"mode": MODES, "dtype": DTYPES, "on_nonfinite": ON_NONFINITE, "device": DEVICES,
-           "parallel": PARALLEL}
+           "parallel": PARALLEL, "bf16_rounding": BF16_ROUNDINGS}
 
 
 def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str], None],
@@ -81,6 +90,12 @@ def check_values(config: TrainConfig) -> None:
     if config.compile and config.lean_loss:
         raise ConfigError("--lean-loss and --compile do not combine: the lean loss swaps the output layer "
                           "for each forward, which a compiled graph cannot follow; choose one")
+    if config.parallel == "fsdp" and config.dtype == "bf16-pure" and config.bf16_rounding != "nearest":
+        # FSDP's sharded weights (DTensors) keep their local storage's dtype whatever the
+        # parameter is given, so lowmem cannot update their slices in fp32 (lowmem.rounding).
+        raise ConfigError("--dtype bf16-pure with --parallel fsdp rounds updates to nearest: pass "
+                          "--bf16-rounding nearest, or use --dtype bf16 (FSDP keeps fp32 slices, 4 bytes "
+                          "per weight divided by the process count)")
     for target in config.report_to:
         if target not in REPORTERS:
             raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")

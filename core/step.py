@@ -73,7 +73,7 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         if not run.grad_bytes:
             run.grad_bytes = memory.gradient_bytes(run.model)
         run.scaler.unscale_(run.optimizer)  # fp16: clip the true gradients
-        max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else math.inf
+        max_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf
         # Over sharded (DTensor) gradients the norm is the global one, replicated on every rank.
         grad_norm = local(torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm))
     # With fp16 the loss scaler owns inf/NaN gradients: it skips the step and lowers the scale.

@@ -144,7 +144,7 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
         check_shards(job.model, job.optimizer, dist)  # shards differ by design; the rest must not
     else:
         dist.check_replicas(job.model)
-    final_eval = evaluate(job)
+    final_eval: dict[str, Any] = dict(evaluate(job))  # eval_loss, eval_perplexity and the task metrics
     files.log({"step": state.step, "tokens": state.tokens, **final_eval})
     state.wall_seconds = time.perf_counter() - started
     checkpoint.save(job, state, dist)
@@ -243,6 +243,7 @@ def run_facts(job: Run, dist: DistContext, registry: Registry) -> dict[str, Any]
     return {
         "device": str(job.device), "resolved_dtype": job.dtype, "world_size": dist.world_size,
         "objective": job.objective, "total_steps": job.total_steps, "warmup_steps": job.warmup_steps,
+        "applied_max_grad_norm": job.max_grad_norm,
         "label_names": job.label_names, "data_kind": job.kind, "target_modules": list(job.target_modules),
         **optimizer(), "versions": library_versions(), "plugin_origins": plugin_origins(registry, job.config),
         "plugins": {p.name: p.origin for p in registry.plugins},

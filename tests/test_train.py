@@ -137,11 +137,26 @@ def test_per_layer_galore_with_accumulation(cli, tmp_path):
     assert_loss_falls(tmp_path / "run")
 
 
-def test_per_layer_refuses_clipping(cli, tmp_path):
+def test_per_layer_refuses_a_given_clip_and_runs_unclipped_by_default(cli, tmp_path):
     config = tmp_path / "per_layer.json"
     config.write_text(json.dumps({"rank": 4, "per_layer": True}))
-    result = cli(*pretrain_args(tmp_path, "galore", extra=["--optimizer-config", str(config)]))
-    assert result.exit_code == 2 and "max-grad-norm" in result.output
+    clipped = cli(*pretrain_args(tmp_path, "galore", out="clipped",
+                                 extra=["--optimizer-config", str(config), "--max-grad-norm", "1.0"]))
+    assert clipped.exit_code == 2 and "max-grad-norm" in clipped.output
+    assert not (tmp_path / "clipped").exists()
+    result = cli(*pretrain_args(tmp_path, "galore", tokens=1000, extra=["--optimizer-config", str(config)]))
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["max_grad_norm"] is None and recorded["applied_max_grad_norm"] == 0.0
+    norms = [row["grad_norm"] for row in read_metrics(tmp_path / "run") if "loss" in row]
+    assert norms and all(norm is not None and norm > 0 for norm in norms)
+
+
+def test_the_default_clip_is_one_for_optimizers_that_step_after_backward(cli, tmp_path):
+    result = cli(*pretrain_args(tmp_path, "baseline", tokens=600))
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["max_grad_norm"] is None and recorded["applied_max_grad_norm"] == 1.0
 
 
 def test_test_mode_smoke_on_embedded_data(cli, tmp_path):

@@ -28,6 +28,7 @@ def build_adamw(model: Any, settings: lowmem.OptimizerSettings) -> Any:
     import torch
 
     from lowmem.plugins.optimizers.decay import decay_groups, trainable_named_parameters
+    from lowmem.rounding import compensated
 
     named = trainable_named_parameters(model)
     if not named:
@@ -36,8 +37,9 @@ def build_adamw(model: Any, settings: lowmem.OptimizerSettings) -> Any:
     # The fused kernel does the whole update in one pass per tensor: ~10x faster steps on CPU
     # than the default foreach path (bench/results.md), same state layout.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in named)
-    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, eps=ADAMW_EPS,
-                             fused=fused)
+    # bf16-pure: each bf16 weight updated in fp32 with compensation (lowmem.rounding).
+    return compensated(torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay,
+                                         eps=ADAMW_EPS, fused=fused), settings.bf16_rounding)
 
 
 def adamw_state_bytes(model: Any) -> int:

@@ -19,6 +19,7 @@ from importlib.util import find_spec
 from typing import Any
 
 import lowmem
+from lowmem.rounding import compensated
 
 
 # -- optional packages -----------------------------------------------------------------------
@@ -110,11 +111,12 @@ def whole_or_per_layer(
     """``make_optimizer(groups)``, or one optimizer per parameter stepped from its gradient hook
     when ``config["per_layer"]`` (honouring ``settings.grad_accum``)."""
     if not config["per_layer"]:
-        return make_optimizer(groups)
+        return compensated(make_optimizer(groups), settings.bf16_rounding)
     check_updates_in_backward(settings, "'per_layer'")
     from lowmem.plugins.optimizers.per_layer import PerLayerOptimizer
 
-    return PerLayerOptimizer(groups, make_optimizer, settings.grad_accum, on_inner_change=on_inner_change)
+    return PerLayerOptimizer(groups, make_optimizer, settings.grad_accum, on_inner_change=on_inner_change,
+                             rounding=settings.bf16_rounding)
 
 
 def restore_state_dtypes(optimizer: Any, state_dict: Mapping[str, Any]) -> None:

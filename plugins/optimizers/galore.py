@@ -115,7 +115,8 @@ class GaLore(lowmem.Optimizer):
             return config
         width = model_width(model)
         rank = paper_rank(width) if width else GALORE_DEFAULTS_RANK
-        cap = min((largest_rank(*w.shape, config["proj_type"]) for _, w in projected), default=rank)
+        cap = min((largest_rank(w.shape[0], w.shape[1], config["proj_type"]) for _, w in projected),
+                  default=rank)
         if rank > cap:
             if say is not None:
                 say(f"note: GaLore rank {rank} (the paper's for width {width}) is capped at {cap}, the "

@@ -20,6 +20,7 @@ from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
 
 import lowmem  # noqa: E402
 from lowmem.plugins.optimizers.galore_sharded import on_local_shards  # noqa: E402
+from lowmem.rounding import compensated  # noqa: E402
 
 GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 # galore_torch.GaLoreAdamW's default eps (transformers' old AdamW's); lowmem's galore keeps it, so
@@ -61,7 +62,7 @@ def check_rank(projected: list[tuple[str, Any]], rank: int, proj_type: str = "st
 
 
 def check_per_layer(settings: lowmem.OptimizerSettings) -> None:
-    if settings.max_grad_norm > 0:
+    if settings.max_grad_norm is not None and settings.max_grad_norm > 0:
         raise lowmem.ConfigError(
             "'per_layer': each parameter steps during backward, so clipping by the norm over all "
             f"parameters is impossible (max_grad_norm is {settings.max_grad_norm}); pass --max-grad-norm 0"
@@ -109,10 +110,11 @@ def build_galore(
         check_per_layer(settings)
     groups = galore_groups(model, projected, config, settings.weight_decay, settings.decay_norms_and_biases)
     if not config["per_layer"]:
-        return make_optimizer(groups)
+        return compensated(make_optimizer(groups), settings.bf16_rounding)
     from lowmem.plugins.optimizers.per_layer import PerLayerOptimizer
 
-    return PerLayerOptimizer(groups, make_optimizer, settings.grad_accum, on_inner_change=on_inner_change)
+    return PerLayerOptimizer(groups, make_optimizer, settings.grad_accum, on_inner_change=on_inner_change,
+                             rounding=settings.bf16_rounding)
 
 
 # -- projector -------------------------------------------------------------------------------

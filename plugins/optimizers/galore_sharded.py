@@ -148,7 +148,8 @@ def replicated_state_bytes(model: Any, projected: list[tuple[str, Any]], config:
     for param in (p for p in model.parameters() if p.requires_grad):
         moment_numel = param.numel()
         if id(param) in shapes:
-            moment, projector = low_rank_shapes(*shapes[id(param)], config["rank"], config["proj_type"])
+            rows, cols = shapes[id(param)]
+            moment, projector = low_rank_shapes(rows, cols, config["rank"], config["proj_type"])
             total += projector * param.element_size()
             moment_numel = math.prod(moment)
         largest_moment = max(largest_moment, moment_numel)

@@ -62,7 +62,8 @@ class Lomo(lowmem.Optimizer):
         groups = decay_groups(model, named, settings.weight_decay, settings.decay_norms_and_biases)
         names = {id(p): n for n, p in named}
         return LomoInBackward(groups, names, settings.lr, self.make_engine(settings, config),
-                              grad_accum=settings.grad_accum, adaptive=self.adaptive)
+                              grad_accum=settings.grad_accum, adaptive=self.adaptive,
+                              rounding=settings.bf16_rounding)
 
     def check_shapes(self, named: list[tuple[str, Any]]) -> None:
         """Refuse parameters the update rule cannot handle (none for plain LOMO)."""

@@ -25,11 +25,13 @@ Imported only from inside plugin methods (it imports torch and lomo_optim).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from lowmem.plugins.optimizers.per_layer import drop_gradients
+from lowmem.rounding import COMPENSATION, KAHAN, NEAREST, ROUNDINGS_DONE, fp32_update
 
 
 class PackageView:
@@ -60,7 +62,8 @@ class LomoInBackward(torch.optim.Optimizer):
     steps_in_backward = True
 
     def __init__(self, groups: list[dict[str, Any]], names: dict[int, str], lr: float,
-                 make_engine: Callable[[PackageView], Any], grad_accum: int = 1, adaptive: bool = False):
+                 make_engine: Callable[[PackageView], Any], grad_accum: int = 1, adaptive: bool = False,
+                 rounding: str = KAHAN):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         super().__init__(groups, {"lr": lr})
@@ -71,6 +74,7 @@ class LomoInBackward(torch.optim.Optimizer):
         self.engine = make_engine(self.view)
         self.grad_accum = grad_accum
         self.adaptive = adaptive
+        self.rounding = rounding
         self.micro_batches = [0] * len(self.parameters_in_order)
         self.steps = 0  # optimizer steps that updated; AdaLomo's step number
         self.window_updated = False
@@ -85,7 +89,8 @@ class LomoInBackward(torch.optim.Optimizer):
         """Point the package's name-keyed state dicts at this optimizer's tensors."""
         for name, p in zip(self.names, self.parameters_in_order, strict=True):
             for key, tensor in self.state[p].items():
-                getattr(self.engine, key)[name] = tensor
+                if key not in (COMPENSATION, ROUNDINGS_DONE):
+                    getattr(self.engine, key)[name] = tensor
 
     def _hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
         def after_grad(param: torch.Tensor) -> None:
@@ -106,11 +111,17 @@ class LomoInBackward(torch.optim.Optimizer):
         engine.weight_decay = group["weight_decay"]
         engine.do_weight_decay = group["weight_decay"] > 0.0
         engine.step_num = self.steps  # AdaLomo's bias schedule; unused by Lomo
-        self.view.current = [(self.names[index], param)]
-        try:
-            engine.grad_func(0)  # updates param from param.grad, then drops the gradient
-        finally:
-            self.view.current = []
+        # bf16-pure: the package adds the update in fp32 but rounds the weight to nearest; an fp32
+        # stand-in (lowmem.rounding) carries the weight through it and keeps small updates.
+        lowered = param.dtype == torch.bfloat16 and self.rounding != NEAREST
+        update = fp32_update(self, param, self.rounding, index) if lowered else nullcontext(param)
+        with update as target:
+            self.view.current = [(self.names[index], target)]
+            try:
+                engine.grad_func(0)  # updates the weight from its .grad, then drops the gradient
+            finally:
+                self.view.current = []
+        param.grad = None
 
     def step(self, closure=None):
         """Nothing to do: each parameter was updated by its hook during backward."""

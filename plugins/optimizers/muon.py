@@ -105,8 +105,14 @@ class Muon(lowmem.Optimizer):
             if len(param_groups) == 1:  # every trainable parameter is a hidden matrix
                 return make_muon(param_groups)
             from lowmem.plugins.optimizers.muon_adamw import MuonWithAdamW
+            from lowmem.rounding import compensated
 
-            return MuonWithAdamW(make_muon(param_groups[:1]), make_adamw(param_groups[1:]))
+            # bf16-pure: each half updates its bf16 weights in fp32 itself (the halves own the state).
+            rounding = settings.bf16_rounding
+            both = MuonWithAdamW(compensated(make_muon(param_groups[:1]), rounding),
+                                 compensated(make_adamw(param_groups[1:]), rounding))
+            both.lowmem_rounding = rounding  # type: ignore[attr-defined]
+            return both
 
         return whole_or_per_layer(settings, config, groups, make_optimizer)
 

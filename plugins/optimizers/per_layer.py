@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from lowmem.rounding import KAHAN, compensated
+
 
 def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
     """``zero_grad`` for optimizers that update inside backward: the gradients a skipped or
@@ -45,6 +47,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
         grad_accum: int = 1,
         on_inner_change: Callable[[list[torch.optim.Optimizer]], None] | None = None,
+        rounding: str = KAHAN,
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -54,7 +57,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.on_inner_change = on_inner_change
         self.parameters_in_order = params
         self.inner_optimizers = [
-            make_optimizer([{**group, "params": [p]}]) for group in param_groups for p in group["params"]
+            compensated(make_optimizer([{**group, "params": [p]}]), rounding)
+            for group in param_groups for p in group["params"]
         ]
         self.param_groups = [g for inner in self.inner_optimizers for g in inner.param_groups]
         # Hook calls since each parameter's last step.

@@ -142,3 +142,20 @@ def test_sharded_runs_check_what_must_be_identical(tmp_path):
     for rank in (0, 1):
         message = Path(f"{outcome}.{rank}").read_text()
         assert "differs between ranks" in message and "0.weight" in message, message
+
+
+def test_kill_9_during_a_sharded_save_resumes_from_the_last_complete_checkpoint(launch_env, tmp_path,
+                                                                               sharded_runs):
+    """Rank 0 is killed (SIGKILL) while it finishes the step-6 checkpoint, after both processes
+    wrote their shards; the launcher stops the other. The half-written checkpoint never counts:
+    a resume at 2 processes starts from step 3 and ends exactly as the uninterrupted run."""
+    from lowmem.checkpoint_files import complete_checkpoints
+
+    args = fsdp_args(tmp_path, "baseline", "run", ["--parallel", "fsdp"])
+    killed = launch({**launch_env, "LOWMEM_TEST_FAULT": "kill:files@6"}, *args, "--nproc", "2")
+    assert killed.returncode != 0
+    assert [path.name for path in complete_checkpoints(tmp_path / "run")] == ["step-3"]
+    resumed = launch(launch_env, *args, "--nproc", "2", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stderr.count("resumed from") == 1
+    assert train_losses(tmp_path / "run") == train_losses(sharded_runs("baseline") / "run")

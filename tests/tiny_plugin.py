@@ -4,7 +4,14 @@ a fake installed distribution whose entry point names this module (see test_dist
 
 from __future__ import annotations
 
+import os
+
 import lowmem
+
+if os.environ.get("LOWMEM_TEST_FAULT"):  # a fault for a launched worker (tests/fault_injection.py)
+    import fault_injection
+
+    fault_injection.inject(os.environ["LOWMEM_TEST_FAULT"])
 
 TINY_VOCAB = 384
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lowmem import metrics
 from lowmem.api import CAUSAL_LM, CLASSIFICATION, REGRESSION
 from lowmem.data import eval_batches, model_inputs
+from lowmem.step import forward_loss
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from lowmem.assemble import Run
@@ -40,9 +41,16 @@ def evaluate_split(run: Run, split: str) -> dict[str, float | None]:
     with torch.no_grad():
         for batch in eval_batches(run.data, run.config.eval_batches, split):
             batch = {k: v.to(run.device) for k, v in batch.items()}
+            labels = batch["labels"]
+            if run.lean_head is not None:  # --lean-loss: never the whole batch's logits, here either
+                loss = forward_loss(run, batch)
+                targets = int((labels[:, 1:] != -100).sum())
+                if targets:
+                    total_loss += float(loss) * targets
+                    total_targets += targets
+                continue
             with run.autocast():
                 output = run.model(**model_inputs(batch))
-            labels = batch["labels"]
             if run.objective == CLASSIFICATION:
                 targets = labels.numel()
                 logits = output.logits.float()

@@ -83,3 +83,7 @@ def test_lean_loss_trains_like_the_plain_loss(tiny_registry, tmp_path):
     lean = run(tiny_registry, tmp_path, "lean", lean_loss=True)
     for (a, _), (b, _) in zip(plain, lean, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
+    # The evaluation takes the chunked loss too (no whole-batch logits there either), and agrees.
+    evals = [json.loads((tmp_path / name / "summary.json").read_text())["eval_loss"]
+             for name in ("plain", "lean")]
+    assert evals[0] == pytest.approx(evals[1], rel=1e-4)

@@ -78,6 +78,7 @@ def lowmem_run(spec: dict) -> dict:
             max_grad_norm=0.0 if spec.get("config", {}).get("per_layer") else 1.0, shuffle=False,
             optimizer_config=spec.get("config", {}), output_dir=out, cache_dir=str(CACHE_DIR),
             log_every=spec.get("log_every", 1), eval_batches=1, seed=42,
+            compile=spec.get("compile", False), lean_loss=spec.get("lean_loss", False),
         )
         started, stamps = time.perf_counter(), []
         with cpu_clock_at_rows(stamps):

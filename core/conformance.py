@@ -80,7 +80,7 @@ class Harness:
             "trainable_parameters": [p for p in model.parameters() if p.requires_grad],
             "steps_in_backward": bool(getattr(optimizer, "steps_in_backward", False)), "dtype": "fp32",
             "scaler": torch.amp.GradScaler("cpu", enabled=False), "device": torch.device("cpu"),
-            "optimizer_plugin": self.plugin, "total_steps": STEPS, "warmup_steps": 0})
+            "optimizer_plugin": self.plugin, "total_steps": STEPS, "warmup_steps": 0, "max_grad_norm": 0.0})
 
     def step(self, run: Run, group: list[Batch]) -> float:
         """One optimizer step through lowmem's own step; returns its loss."""

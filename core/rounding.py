@@ -94,7 +94,7 @@ def step_in_fp32(optimizer: torch.optim.Optimizer, plain_step: Callable[[], Any]
 def update_in_fp32(optimizer: torch.optim.Optimizer, plain_step: Callable[[], Any], param: torch.Tensor,
                    rounding: str, place: int = 0) -> None:
     """Step bf16 ``param``, the only weight with a gradient, in fp32."""
-    first = not has_state(optimizer.state.get(param))
+    first = not has_state(optimizer.state.get(param))  # its first update, or none made state yet
     chosen = state_dtypes_of_first_update(optimizer, plain_step, param) if first else None
     with fp32_update(optimizer, param, rounding, place):
         plain_step()
@@ -109,6 +109,8 @@ def state_dtypes_of_first_update(optimizer: torch.optim.Optimizer, plain_step: C
     import torch
 
     before = copy.deepcopy(dict(optimizer.state[param]))
+    for key in (COMPENSATION, ROUNDINGS_DONE):  # lowmem's own: the optimizer sees its state alone
+        optimizer.state[param].pop(key, None)
     weight, grad = param.data.clone(), param.grad
     param.grad = grad.clone() if isinstance(grad, torch.Tensor) else grad
     plain_step()
@@ -258,13 +260,15 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
 
 
 def has_state(state: MutableMapping[str, Any] | None) -> bool:
-    """Whether the optimizer has made its state for a weight (tensors or objects; a number such
-    as APOLLO's seed, set before any update, does not count)."""
+    """Whether the optimizer has made its state for a weight: tensors or objects of its own (not
+    lowmem's entries; not a number such as APOLLO's seed, set before any update). One that skips
+    a weight's update (8-bit GaLore, until its gradient is non-zero) has made none yet."""
     import torch
 
     if not state:
         return False
-    return any(isinstance(value, torch.Tensor) or hasattr(value, "__dict__") for value in state.values())
+    return any(isinstance(value, torch.Tensor) or hasattr(value, "__dict__")
+               for key, value in state.items() if key not in (COMPENSATION, ROUNDINGS_DONE))
 
 
 def compensation_bytes(parameters: Any, rounding: str = KAHAN) -> int:

@@ -60,6 +60,7 @@ def add_lora_adapters(model: Any, config: Mapping[str, Any], settings: lowmem.Op
 
     quiet_bitsandbytes()
     import peft
+    import torch
 
     names = list(config["target_modules"] or settings.target_modules)
     if not names:
@@ -85,7 +86,12 @@ def add_lora_adapters(model: Any, config: Mapping[str, Any], settings: lowmem.Op
     with warnings.catch_warnings():
         # peft calls transformers' deprecated is_gradient_checkpointing: not the user's concern.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.get_peft_model(model, lora_config)
+        # peft keeps adapters in fp32 by default. On bf16 weights (--dtype bf16-pure) that makes
+        # every adapted layer's output fp32 and the activations after it twice the size: a LoRA
+        # run then needed more memory than full AdamW (bench/peaks.md). There the adapters are
+        # bf16 like the rest, and lowmem's fp32 updates with compensation keep their small steps.
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        return peft.get_peft_model(model, lora_config, autocast_adapter_dtype=not bf16)
 
 
 def save_lora_model(model: Any, directory: Path) -> None:

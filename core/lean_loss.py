@@ -85,6 +85,28 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: 
                                            shifted.reshape(-1), chunk)
 
 
+def causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The lean loss: Liger's fused linear cross-entropy (Triton, same chunking idea, fused
+    kernels) on CUDA when ``liger-kernel`` is installed (``pip install 'lowmem[liger]'``),
+    lowmem's chunked autograd function elsewhere. Both equal transformers' loss."""
+    if hidden.is_cuda and liger_available():
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        bias = getattr(head, "bias", None)
+        # One dtype for the kernel: under autocast the hidden states are 16-bit, the head fp32.
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(
+            head.weight.to(flat.dtype), flat, shifted, None if bias is None else bias.to(flat.dtype))
+    return chunked_causal_lm_loss(hidden, head, labels)
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def output_head(model: Any) -> tuple[Any, str, Any] | None:
     """(parent module, attribute name, head) of a model's output layer when the lean loss can
     replace it: a plain linear head whose logits nothing transforms; None otherwise."""

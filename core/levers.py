@@ -21,11 +21,13 @@ def enable_checkpointing(model: Any) -> None:
 def lean_loss_head(model: Any, objective: str, say: Any) -> tuple[Any, str, Any] | None:
     """Where the lean loss takes over (``lowmem.lean_loss``), or None with a note where it cannot."""
     from lowmem.api import CAUSAL_LM
-    from lowmem.lean_loss import output_head
+    from lowmem.lean_loss import liger_available, output_head
 
     found = output_head(model) if objective == CAUSAL_LM else None
     if found is None:
         say("note: --lean-loss applies to causal LMs with a plain linear output layer; using the usual loss")
+    elif next(model.parameters()).is_cuda and liger_available():
+        say("note: --lean-loss uses Liger's fused linear cross-entropy (liger-kernel)")
     return found
 
 

@@ -104,11 +104,11 @@ def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     if run.lean_head is None:
         with run.autocast():
             return run.train_model(**model_inputs(batch)).loss
-    from lowmem.lean_loss import chunked_causal_lm_loss, hidden_states_out
+    from lowmem.lean_loss import causal_lm_loss, hidden_states_out
 
     parent, attribute, head = run.lean_head
     inputs = model_inputs(batch)
     labels = inputs.pop("labels")
     with hidden_states_out(parent, attribute), run.autocast():
         hidden = run.train_model(**inputs).logits
-    return chunked_causal_lm_loss(hidden, head, labels)
+    return causal_lm_loss(hidden, head, labels)

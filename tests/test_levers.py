@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 import lowmem
 
@@ -87,3 +88,22 @@ def test_lean_loss_trains_like_the_plain_loss(tiny_registry, tmp_path):
     evals = [json.loads((tmp_path / name / "summary.json").read_text())["eval_loss"]
              for name in ("plain", "lean")]
     assert evals[0] == pytest.approx(evals[1], rel=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA")
+def test_liger_lean_loss_equals_the_chunked_one_on_cuda():
+    pytest.importorskip("liger_kernel")
+    from lowmem.lean_loss import causal_lm_loss, chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 500, bias=False).cuda()
+    hidden = torch.randn(2, 33, 64, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 500, (2, 33), device="cuda")
+    labels[0, :5] = -100
+    fused = causal_lm_loss(hidden, head, labels)
+    chunked = chunked_causal_lm_loss(hidden, head, labels)
+    assert torch.allclose(fused, chunked, rtol=1e-5)
+    (grad_fused,) = torch.autograd.grad(fused, hidden)
+    (grad_chunked,) = torch.autograd.grad(chunked, hidden)
+    assert torch.allclose(grad_fused, grad_chunked, rtol=1e-4, atol=1e-6)

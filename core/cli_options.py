@@ -17,16 +17,7 @@ from typing import Annotated, Any
 import typer
 import typer.core
 
-from lowmem.config import (
-    BF16_ROUNDINGS,
-    DEVICES,
-    DTYPES,
-    MODES,
-    ON_NONFINITE,
-    PARALLEL,
-    TrainConfig,
-    default_of,
-)
+from lowmem.config import CHOICES, TrainConfig, default_of
 from lowmem.errors import LowmemError, PluginFault, exit_code_of
 
 Opt = typer.Option
@@ -195,7 +186,7 @@ class TrainOption:
 
 
 TRAIN_OPTIONS = (
-    TrainOption("mode", ("--mode",), str, "pretraining or finetuning", choice(MODES)),
+    TrainOption("mode", ("--mode",), str, "pretraining or finetuning", choice(CHOICES["mode"])),
     TrainOption("optimizer", ("--optimizer",), str, "A registered optimizer (lowmem list-optimizers)"),
     TrainOption("model", ("--model",), str, "A registered model (lowmem list-models)"),
     TrainOption("batch_size", ("--batch_size", "--batch-size"), int, "Sequences per micro-batch",
@@ -209,7 +200,7 @@ TRAIN_OPTIONS = (
     TrainOption("shuffle", ("--shuffle",), str, "true or false", boolean, "true"),
     TrainOption("dtype", ("--dtype",), str, "auto, bf16, fp16 (loss scaling), fp32, or bf16-pure (bf16 "
                 "weights, no fp32 copy); auto: bf16 where fast, else fp32 on CPU / fp16 on old GPUs",
-                choice(DTYPES)),
+                choice(CHOICES["dtype"])),
     TrainOption("lr", ("--lr",), float, "Peak learning rate", positive_float),
     TrainOption("weight_decay", ("--weight_decay", "--weight-decay"), float, "Decoupled weight decay",
                 non_negative_float),
@@ -239,7 +230,7 @@ TRAIN_OPTIONS = (
                 "Causal LMs: compute the loss in chunks, never the whole batch's logits"),
     TrainOption("bf16_rounding", ("--bf16-rounding",), str,
                 "With --dtype bf16-pure: kahan (keeps small updates; 2 bytes/weight), stochastic "
-                "(no memory, noisier) or nearest (small updates are lost)", choice(BF16_ROUNDINGS)),
+                "(no memory, noisier) or nearest (small updates are lost)", choice(CHOICES["bf16_rounding"])),
     TrainOption("test", ("--test",), str, "Smoke mode: ~1000 tokens or a few batches", boolean, "false"),
     TrainOption("dataset", ("--dataset",), str,
                 "A registered dataset, a local file or folder, or a hub id (default: per mode)"),
@@ -249,7 +240,7 @@ TRAIN_OPTIONS = (
     TrainOption("grad_accum", ("--grad-accum", "--grad_accum"), int, "Micro-batches per optimizer step",
                 positive_int),
     TrainOption("parallel", ("--parallel",), str, "ddp (a full model per process) or fsdp (weights, "
-                "gradients and optimizer states sharded over the processes)", choice(PARALLEL)),
+                "gradients and optimizer states sharded over the processes)", choice(CHOICES["parallel"])),
     TrainOption("max_grad_norm", ("--max-grad-norm", "--max_grad_norm"), float | None,
                 "Clip the global gradient norm; 0 turns clipping off (default: 1.0, none for optimizers "
                 "that update inside backward)", non_negative_float),
@@ -265,7 +256,7 @@ TRAIN_OPTIONS = (
                 "Newest checkpoints kept", positive_int),
     TrainOption("resume", ("--resume",), str | None, "A checkpoint folder, a run folder, or 'latest'"),
     TrainOption("on_nonfinite", ("--on-nonfinite",), str, "stop (exit 3) or skip the update",
-                choice(ON_NONFINITE)),
+                choice(CHOICES["on_nonfinite"])),
     TrainOption("max_nonfinite_skips", ("--max-nonfinite-skips",), int,
                 "Consecutive skipped updates before stopping anyway", positive_int),
     TrainOption("model_path", ("--model-path", "--model_path"), str | None,
@@ -273,7 +264,7 @@ TRAIN_OPTIONS = (
     TrainOption("tokenizer", ("--tokenizer",), str | None, "Tokenizer folder or hub id"),
     TrainOption("trust_remote_code", ("--trust-remote-code",), bool,
                 "Allow model folders that ship their own code"),
-    TrainOption("device", ("--device",), str, "auto, cpu or cuda", choice(DEVICES)),
+    TrainOption("device", ("--device",), str, "auto, cpu or cuda", choice(CHOICES["device"])),
     TrainOption("report_to", ("--report-to",), str, "Comma-separated: tensorboard, wandb", report_targets,
                 ""),
 )

@@ -23,6 +23,9 @@ REPORTERS = ("tensorboard", "wandb")
 # fsdp (FSDP2's fully_shard) gives each process 1/N of them.
 PARALLEL = ("ddp", "fsdp")
 BF16_ROUNDINGS = ("kahan", "stochastic", "nearest")  # lowmem.rounding.ROUNDINGS
+# The fields that take one of a fixed set of values, and the values.
+CHOICES = {"mode": MODES, "dtype": DTYPES, "on_nonfinite": ON_NONFINITE, "device": DEVICES,
+           "parallel": PARALLEL, "bf16_rounding": BF16_ROUNDINGS}
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.api import Optimizer
-from lowmem.config import (
-    BF16_ROUNDINGS,
-    DEVICES,
-    DTYPES,
-    MODES,
-    ON_NONFINITE,
-    PARALLEL,
-    REPORTERS,
-    TrainConfig,
-)
+from lowmem.config import CHOICES, REPORTERS, TrainConfig
 from lowmem.errors import ConfigError
 from lowmem.registry import Registry
 
@@ -43,8 +34,6 @@ GENERIC_FILES, GENERIC_HUB = "files", "hub"
 POSITIVE = ("batch_size", "num_epochs", "max_length", "num_training_tokens", "max_steps", "grad_accum",
             "eval_batches", "log_every", "keep_checkpoints", "max_nonfinite_skips", "tmax")
 NOT_NEGATIVE = ("weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every")
-CHOICES = {"mode": MODES, "dtype": DTYPES, "on_nonfinite": ON_NONFINITE, "device": DEVICES,
-           "parallel": PARALLEL, "bf16_rounding": BF16_ROUNDINGS}
 
 
 def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str], None],

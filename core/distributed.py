@@ -186,11 +186,16 @@ class DistContext:
         dist.init_process_group(self.backend, store=dist.HashStore(), rank=0, world_size=1)
         self.owns_group = True
 
-    def close(self) -> None:
+    def close(self, completed: bool = False) -> None:
+        """Leave the process group. After a completed run every process waits for the others
+        first: gloo aborts a process (SIGABRT) whose peer tears its connections down while it
+        still holds them."""
         if self.active or self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if completed and self.active:
+                    dist.barrier()
                 dist.destroy_process_group()
 
 

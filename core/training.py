@@ -46,14 +46,17 @@ def train(config: TrainConfig, registry: Registry | None = None, say: Say | None
     registry = registry or get_registry()
     dist = DistContext.from_launcher(dict(os.environ), want_cuda=config.device != "cpu")
     say = say or (_stderr if dist.is_main else _silent)
+    completed = False
     try:
         config = resolve_config(config, registry, say)
         # The default run folder is named by the clock: take rank 0's.
         config = dataclasses.replace(config, output_dir=dist.broadcast(config.output_dir))
         with stop_on_signals() as stop_requested:
-            return run(config, registry, dist, stop_requested, say)
+            result = run(config, registry, dist, stop_requested, say)
+        completed = True
+        return result
     finally:
-        dist.close()
+        dist.close(completed)
 
 
 def run(config: TrainConfig, registry: Registry, dist: DistContext, stop_requested: list[int],

@@ -42,15 +42,12 @@ def evaluate_split(run: Run, split: str) -> dict[str, float | None]:
         for batch in eval_batches(run.data, run.config.eval_batches, split):
             batch = {k: v.to(run.device) for k, v in batch.items()}
             labels = batch["labels"]
-            if run.lean_head is not None:  # --lean-loss: never the whole batch's logits, here either
+            if run.lean_head is not None:  # --lean-loss (causal LMs): no whole-batch logits here either
                 loss = forward_loss(run, batch)
-                targets = int((labels[:, 1:] != -100).sum())
-                if targets:
-                    total_loss += float(loss) * targets
-                    total_targets += targets
-                continue
-            with run.autocast():
-                output = run.model(**model_inputs(batch))
+            else:
+                with run.autocast():
+                    output = run.model(**model_inputs(batch))
+                loss = output.loss
             if run.objective == CLASSIFICATION:
                 targets = labels.numel()
                 logits = output.logits.float()
@@ -61,7 +58,7 @@ def evaluate_split(run: Run, split: str) -> dict[str, float | None]:
             else:
                 targets = int((labels != -100).sum())
             if targets:
-                total_loss += float(output.loss) * targets
+                total_loss += float(loss) * targets
                 total_targets += targets
     run.train_model.train()
     if total_targets == 0:  # an empty held-out split measures nothing: say so, never a perfect score

@@ -35,14 +35,21 @@ def test_galore_on_two_sharded_processes_equals_one_process(cli, tmp_path, shard
     assert sharded["param_bytes"] <= 0.55 * one["param_bytes"]
 
 
-@pytest.mark.slow
-def test_sharded_galore_resumes_exactly_and_on_one_process(cli, launch_env, tmp_path, sharded_runs):
-    folder = sharded_runs("galore")
-    args = fsdp_args(folder, "galore", "run", ["--parallel", "fsdp"])
+def resumes_exactly_at_two(launch_env, tmp_path, folder: Path, optimizer: str) -> list[str]:
+    """Resume the shared 2-process run of ``optimizer`` from step 6 at 2 processes: it must end
+    exactly as the uninterrupted run. Returns the run's arguments."""
+    args = fsdp_args(folder, optimizer, "run", ["--parallel", "fsdp"])
     same = interrupted_copy(folder / "run", tmp_path / "same", step=6)
     result = launch(launch_env, *resume_args(args, same), "--nproc", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert train_losses(same) == train_losses(folder / "run")
+    return args
+
+
+@pytest.mark.slow
+def test_sharded_galore_resumes_exactly_and_on_one_process(cli, launch_env, tmp_path, sharded_runs):
+    folder = sharded_runs("galore")
+    args = resumes_exactly_at_two(launch_env, tmp_path, folder, "galore")
     one = interrupted_copy(folder / "run", tmp_path / "one", step=6)
     result = cli(*resume_args(args, one), "--grad-accum", "2")
     assert result.exit_code == 0, result.output
@@ -52,11 +59,7 @@ def test_sharded_galore_resumes_exactly_and_on_one_process(cli, launch_env, tmp_
 @pytest.mark.slow
 def test_8bit_states_resume_only_at_their_world_size(cli, launch_env, tmp_path, sharded_runs):
     folder = sharded_runs("galore8bit")
-    args = fsdp_args(folder, "galore8bit", "run", ["--parallel", "fsdp"])
-    same = interrupted_copy(folder / "run", tmp_path / "same", step=6)
-    result = launch(launch_env, *resume_args(args, same), "--nproc", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert train_losses(same) == train_losses(folder / "run")
+    args = resumes_exactly_at_two(launch_env, tmp_path, folder, "galore8bit")
     one = interrupted_copy(folder / "run", tmp_path / "one", step=6)
     result = cli(*resume_args(args, one), "--grad-accum", "2")
     assert result.exit_code == 2 and "loads only into 2 process(es)" in result.output

@@ -105,6 +105,24 @@ def launch(env, *args, launcher=("-m", "lowmem")) -> subprocess.CompletedProcess
                           text=True, timeout=LAUNCH_TIMEOUT)
 
 
+def run_workers(worker, args: tuple, nprocs: int = 2, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` freshly spawned processes; killed and failed after
+    ``timeout`` seconds. Spawned, not forked: a fork copies the parent's thread pools and any lock
+    a thread held at that moment, and CI once hung there for good."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__} did not finish in {timeout:.0f} s")
+
+
 def run_lowmem(args: list[str], fault: str = "", **popen) -> subprocess.Popen:
     """lowmem's CLI in a fresh process with the tiny test models registered; ``fault`` is a
     ``tests/fault_injection.py`` instruction such as ``kill:manifest@6``."""

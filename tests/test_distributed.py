@@ -25,6 +25,7 @@ from support_runs import (
     launch,
     pretrain_args,
     resume_args,
+    run_workers,
     train_losses,
 )
 
@@ -193,10 +194,8 @@ def _diverging_worker(rank: int, init_file: str, outcome: str) -> None:
 
 
 def test_replica_check_catches_one_ulp(tmp_path):
-    import torch.multiprocessing as mp
-
     outcome = tmp_path / "outcome"
-    mp.spawn(_diverging_worker, args=(str(tmp_path / "init"), str(outcome)), nprocs=2, join=True)
+    run_workers(_diverging_worker, (str(tmp_path / "init"), str(outcome)))
     for rank in (0, 1):
         message = Path(f"{outcome}.{rank}").read_text()
         assert "parameters differ between ranks" in message and "bias" in message and "weight" not in message

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 from support_fsdp import assert_close_losses, fsdp_args
-from support_runs import interrupted_copy, launch, pretrain_args, read_metrics, resume_args, train_losses
+from support_runs import (
+    interrupted_copy,
+    launch,
+    pretrain_args,
+    read_metrics,
+    resume_args,
+    run_workers,
+    train_losses,
+)
 
 
 @pytest.mark.parametrize("optimizer", ["baseline", "lora"])
@@ -134,11 +142,8 @@ def _sharded_worker(rank: int, init_file: str, outcome: str) -> None:
 
 
 def test_sharded_runs_check_what_must_be_identical(tmp_path):
-    import torch.multiprocessing as mp
-
     outcome = tmp_path / "outcome"
-    mp.start_processes(_sharded_worker, args=(str(tmp_path / "init"), str(outcome)), nprocs=2, join=True,
-                       start_method="fork")  # the parent has imported everything already
+    run_workers(_sharded_worker, (str(tmp_path / "init"), str(outcome)))
     for rank in (0, 1):
         message = Path(f"{outcome}.{rank}").read_text()
         assert "differs between ranks" in message and "0.weight" in message, message

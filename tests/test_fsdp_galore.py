@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 from support_fsdp import assert_close_losses, fsdp_args, state_bytes
-from support_runs import interrupted_copy, launch, pretrain_args, read_metrics, resume_args, train_losses
+from support_runs import (
+    interrupted_copy,
+    launch,
+    pretrain_args,
+    read_metrics,
+    resume_args,
+    run_workers,
+    train_losses,
+)
 
 
 @pytest.mark.parametrize("optimizer", [
@@ -116,11 +124,8 @@ def _galore_worker(rank: int, init_file: str, outcome: str) -> None:
 
 
 def test_galore_steps_slices_exactly_and_talks_only_on_refresh_steps(tmp_path):
-    import torch.multiprocessing as mp
-
     outcome = tmp_path / "outcome"
-    mp.start_processes(_galore_worker, args=(str(tmp_path / "init"), str(outcome)), nprocs=2, join=True,
-                       start_method="fork")  # the parent has imported everything already
+    run_workers(_galore_worker, (str(tmp_path / "init"), str(outcome)))
     for rank in (0, 1):
         result = json.loads(Path(f"{outcome}.{rank}").read_text())
         assert result["dims"] == {"2.weight": 1}  # the wide weight by columns, the tall one by rows

@@ -64,13 +64,27 @@ def test_sharded_galore_resumes_exactly_and_on_one_process(cli, launch_env, tmp_
     assert_close_losses(one, folder / "run")
 
 
-@pytest.mark.slow
-def test_8bit_states_resume_only_at_their_world_size(cli, launch_env, tmp_path, sharded_runs):
+def test_8bit_states_resume_exactly_at_two_and_on_one_process(cli, launch_env, tmp_path, sharded_runs):
+    """Checkpoints hold the 8-bit moments as fp32 slices: at the same number of processes they
+    quantise back to the same blocks (exact); on one process the blocks are those of the whole
+    moment, so the run continues within 8-bit rounding."""
     folder = sharded_runs("galore8bit")
     args = resumes_exactly_at_two(launch_env, tmp_path, folder, "galore8bit")
     one = interrupted_copy(folder / "run", tmp_path / "one", step=6)
     result = cli(*resume_args(args, one), "--grad-accum", "2")
-    assert result.exit_code == 2 and "loads only into 2 process(es)" in result.output
+    assert result.exit_code == 0, result.output
+    assert_close_losses(one, folder / "run", rel=1e-3)
+
+
+@pytest.mark.slow
+def test_one_sharded_8bit_process_resumes_on_two(cli, launch_env, tmp_path):
+    args = fsdp_args(tmp_path, "galore8bit", "one", ["--parallel", "fsdp", "--grad-accum", "2"])
+    assert cli(*args).exit_code == 0
+    resumed = interrupted_copy(tmp_path / "one", tmp_path / "resumed", step=6)
+    args = [a if a != "2" or args[i - 1] != "--grad-accum" else "1" for i, a in enumerate(args)]
+    result = launch(launch_env, *resume_args(args, resumed), "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_close_losses(resumed, tmp_path / "one", rel=1e-3)
 
 
 def test_full_projection_is_refused_under_fsdp(cli, tmp_path):

@@ -38,7 +38,8 @@ class GaLore8bit(GaLore):
     description = "GaLore with 8-bit Adam states (bitsandbytes), CPU and GPU"
     default_config = dict(GALORE8BIT_DEFAULTS)
     config_files: ClassVar[tuple[str, ...]] = ("galore",)
-    reshards = False  # under FSDP each process quantises its own slice of the moments
+    # Under FSDP each process quantises its own slice of the moments; checkpoints add fp32 copies
+    # (galore_sharded.with_fp32_slices), so they load into any number of processes.
 
     def make_optimizer_factory(self, settings, config):
         # state_bytes (GaLore's) counts 8-bit moments because the config has min_8bit_size.

@@ -21,7 +21,11 @@ from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
 from bitsandbytes.utils import sync_gpu  # noqa: E402
 
 from lowmem.plugins.optimizers.galore_common import ProjectorStateMixin, new_projector  # noqa: E402
-from lowmem.plugins.optimizers.galore_sharded import on_local_shards  # noqa: E402
+from lowmem.plugins.optimizers.galore_sharded import (  # noqa: E402
+    for_these_slices,
+    on_local_shards,
+    with_fp32_slices,
+)
 
 
 @on_local_shards  # FSDP: steps each process's slices (galore_sharded)
@@ -99,8 +103,13 @@ class GaLoreAdamW8bit(ProjectorStateMixin, Optimizer2State):
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
+    def state_dict(self):
+        # Under FSDP the 8-bit moments are checkpointed with fp32 copies, so that a checkpoint
+        # loads into another number of processes (galore_sharded.with_fp32_slices).
+        return with_fp32_slices(super().state_dict(), self)
+
     def load_state_dict(self, state_dict, *args, **kwargs):
-        super().load_state_dict(state_dict, *args, **kwargs)
+        super().load_state_dict(for_these_slices(state_dict, self), *args, **kwargs)
         share_quantization_maps([self])
 
 

@@ -248,3 +248,71 @@ def to_dtensor(key: str, value: Any, param: Any, state: Mapping[str, Any]) -> An
     shape = torch.Size(param.shape[dim] if i == dim else size for i, size in enumerate(value.shape))
     return DTensor.from_local(value, mesh, param.placements, run_check=False, shape=shape,
                               stride=contiguous_strides(tuple(shape)))
+
+
+# -- 8-bit moments in checkpoints: also as fp32 slices, so that they re-slice -----------------
+FP32_COPY = "lowmem_fp32_state"  # + "1" or "2": a checkpoint's fp32 copy of an 8-bit moment
+
+
+def with_fp32_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """``state_dict`` (bitsandbytes' form) with an fp32 copy of each 8-bit moment of a sliced
+    parameter, sliced like it. The 8-bit blocks and their scales stay too: they restore the
+    moments bit for bit at the same number of processes (a block's scale cannot be recovered
+    from its values), while 256-element blocks of one process's slice do not re-slice onto
+    another number of processes and the fp32 values do."""
+    import bitsandbytes.functional as bnb
+
+    for _, state in _sliced_states(optimizer, state_dict):
+        for n in "12":
+            moment = state.get(f"state{n}")
+            if is_dtensor(moment) and moment.dtype == torch.uint8:
+                absmax = to_local(f"absmax{n}", state[f"absmax{n}"], state)
+                values = bnb.dequantize_blockwise(moment.to_local().contiguous(), absmax=absmax,
+                                                  code=state[f"qmap{n}"], blocksize=BLOCK)
+                state[f"{FP32_COPY}{n}"] = _like(values, moment)
+    return state_dict
+
+
+def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """The moments of a checkpoint in the form bitsandbytes keeps for this process's slices: the
+    saved 8-bit blocks where the checkpoint has as many processes, else blocks quantised again
+    from the fp32 copy, or fp32 where bitsandbytes keeps a slice this small (``min_8bit_size``)."""
+    import bitsandbytes.functional as bnb
+
+    maps = {"1": optimizer.name2qmap["dynamic"], "2": optimizer.name2qmap["udynamic"]}
+    for param, state in _sliced_states(optimizer, state_dict):
+        world = param.device_mesh.size()
+        for n in "12":
+            copy, scales = state.pop(f"{FP32_COPY}{n}", None), state.get(f"absmax{n}")
+            if copy is not None and is_dtensor(scales) and scales.shape[0] == world:
+                continue  # the same slices: the saved blocks, bit for bit
+            values = copy if copy is not None else state.get(f"state{n}")
+            if not is_dtensor(values) or values.dtype != torch.float32:
+                continue
+            local = values.to_local().contiguous()
+            state.pop(f"absmax{n}", None)
+            if local.numel() < optimizer.args.min_8bit_size:
+                state[f"state{n}"] = values  # bitsandbytes keeps a small moment in fp32
+                continue
+            code = state.setdefault(f"qmap{n}", maps[n])
+            quantized, quant_state = bnb.quantize_blockwise(local, code=code, blocksize=BLOCK)
+            state[f"state{n}"] = _like(quantized, values)
+            scales = quant_state.absmax
+            state[f"absmax{n}"] = to_dtensor(f"absmax{n}", scales, param, {f"state{n}": quantized})
+    return state_dict
+
+
+def _sliced_states(optimizer: Any, state_dict: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(parameter, the dict holding its moments) for each sliced parameter with state, in the
+    order torch numbers them; bitsandbytes nests the quantised tensors in a dict of their own."""
+    nested = getattr(optimizer, "_FSDP_WRAPPED_QUANT_STATE_KEY", None)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in state_dict["state"].items():
+        if isinstance(state, dict) and is_dtensor(params[index]):
+            yield params[index], state.get(nested, state) if nested else state
+
+
+def _like(local: Any, model: Any) -> Any:
+    """``local`` as a DTensor sliced as ``model`` is."""
+    return DTensor.from_local(local, model.device_mesh, model.placements, run_check=False,
+                              shape=model.shape, stride=model.stride())

@@ -19,7 +19,7 @@ from lowmem.cli_options import (
     size,
     with_parameters,
 )
-from lowmem.config import BF16_ROUNDINGS, DTYPES, MODES, PARALLEL
+from lowmem.config import BF16_ROUNDINGS, DEVICES, DTYPES, MODES, PARALLEL
 from lowmem.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -58,6 +58,8 @@ def estimate(
     parallel: Annotated[str, Opt("--parallel", callback=choice(PARALLEL), help="ddp or fsdp")] = "ddp",
     bf16_rounding: Annotated[str, Opt("--bf16-rounding", callback=choice(BF16_ROUNDINGS),
                                       help="With --dtype bf16-pure: kahan, stochastic or nearest")] = "kahan",
+    device: Annotated[str, Opt("--device", callback=choice(DEVICES), help=(
+        "cuda or cpu (auto: cuda with --gpu-memory or --device-memory, or where CUDA is present)"))] = "auto",
 ) -> None:
     """Estimate the memory training MODEL takes with each optimizer, without training (meta device).
 
@@ -70,10 +72,15 @@ def estimate(
 
         if optimizer is not None and all_optimizers:
             raise ConfigError("give --optimizer or --all, not both")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if gpu_memory or device_memory or torch.cuda.is_available() else "cpu"
         options: dict[str, Any] = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                        per_layer=per_layer, grad_accum=grad_accum,
                                        optimizer_config_file=optimizer_config, lean_loss=lean_loss,
-                                       world_size=nproc, parallel=parallel, bf16_rounding=bf16_rounding)
+                                       world_size=nproc, parallel=parallel, bf16_rounding=bf16_rounding,
+                                       device=device)
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 

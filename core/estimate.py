@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowmem.activations import activation_bytes
+from lowmem.activations import NO_ADAPTERS, Adapters, activation_bytes, find_adapters
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
 from lowmem.modeling import choose_targets
@@ -54,13 +54,15 @@ class Breakdown:
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     model_config: Any = None  # the architecture's config, for at_batch
+    adapters: Adapters = NO_ADAPTERS  # LoRA's layers, for at_batch
 
     def at_batch(self, batch_size: int) -> Breakdown:
         """The same run at another batch size: only the activations (and the overhead on them)
         change."""
         s = self.settings
         activations = activation_bytes(self.model_config, batch_size, s["max_length"], s["dtype"],
-                                       s["objective"], s["activation_checkpointing"], s["lean_loss"])
+                                       s["objective"], s["activation_checkpointing"], s["lean_loss"],
+                                       self.adapters, s["device"])
         subtotal = self.weights + self.gradients + self.optimizer_states + self.weight_copies + activations
         return dataclasses.replace(self, activations=activations, overhead=int(FRAMEWORK_OVERHEAD * subtotal),
                                    settings={**s, "batch_size": batch_size})
@@ -118,8 +120,10 @@ def estimate(
     world_size: int = 1,
     parallel: str = "ddp",
     bf16_rounding: str = "kahan",
+    device: str = "cuda",
 ) -> Breakdown:
-    """The memory breakdown of training ``model_plugin`` with ``optimizer_plugin``.
+    """The memory breakdown of training ``model_plugin`` with ``optimizer_plugin`` on ``device``
+    ("cuda" or "cpu": dropout keeps a bool mask on CUDA, a float one on CPU).
 
     ``optimizer_config`` overrides the plugin's ``default_config``; ``per_layer`` sets its
     ``per_layer`` key (a ConfigError when the optimizer has none).
@@ -161,8 +165,9 @@ def estimate(
         notes.append("optimizer states: + 2 bytes per bf16 trainable weight, the compensation that keeps "
                      "small updates in bf16-pure")
     copies = autocast_weight_copy_bytes(model, dtype)
+    adapters = find_adapters(model)
     activations = activation_bytes(model.config if hasattr(model, "config") else None, batch_size,
-                                   max_length, dtype, objective, checkpointing, lean_loss)
+                                   max_length, dtype, objective, checkpointing, lean_loss, adapters, device)
     subtotal = weights + gradients + state + copies + activations
     if mode == "finetuning" and objective != CLASSIFICATION:
         notes.append("finetuning a language model: activations as for pretraining")
@@ -171,11 +176,11 @@ def estimate(
         total_params=sum(p.numel() for p in parameters), trainable_params=sum(p.numel() for p in trainable),
         weights=weights, gradients=gradients, optimizer_states=int(state), weight_copies=copies,
         activations=activations, overhead=int(FRAMEWORK_OVERHEAD * subtotal), state_source=state_source,
-        per_layer=per_layer, notes=notes, model_config=getattr(model, "config", None),
+        per_layer=per_layer, notes=notes, model_config=getattr(model, "config", None), adapters=adapters,
         settings={"mode": mode, "objective": objective, "batch_size": batch_size, "max_length": max_length,
                   "dtype": dtype, "grad_accum": grad_accum, "optimizer_config": config,
                   "activation_checkpointing": checkpointing, "lean_loss": lean_loss,
-                  "bf16_rounding": bf16_rounding,
+                  "bf16_rounding": bf16_rounding, "device": device,
                   "torch": torch.__version__},
     )
     if parallel == "fsdp" and world_size > 1:  # one of several sharded processes
@@ -189,7 +194,8 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                   max_length: int, dtype: str, per_layer: bool, grad_accum: int,
                   optimizer_config_file: Any = None, checkpointing: bool = False,
                   lean_loss: bool = False, world_size: int = 1,
-                  parallel: str = "ddp", bf16_rounding: str = "kahan") -> dict[str, Breakdown | str]:
+                  parallel: str = "ddp", bf16_rounding: str = "kahan",
+                  device: str = "cuda") -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
     that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
     from lowmem.resolve import merge_layers, read_config_file
@@ -210,7 +216,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
                 max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
                 per_layer=per_layer, grad_accum=grad_accum, checkpointing=checkpointing, lean_loss=lean_loss,
-                world_size=world_size, parallel=parallel, bf16_rounding=bf16_rounding,
+                world_size=world_size, parallel=parallel, bf16_rounding=bf16_rounding, device=device,
             )
         except ConfigError as exc:
             if optimizer is not None:

@@ -1,7 +1,9 @@
 """The prepared GPU check (`nox -s gpu`, or `python bench/gpu_check.py` where lowmem is installed):
 one script, under 8 minutes on one GPU, writing bench/gpu-results.md.
 
-1. the CUDA-marked tests (`pytest -m cuda`);
+1. the CUDA-marked tests (`pytest -m cuda`; on a machine with two or more GPUs they include
+   FSDP over NCCL: two sharded processes against one with accumulation, per built-in optimizer,
+   about 3 more minutes);
 2. peak allocated memory of llama_1b (bf16 autocast) for every built-in optimizer at batch 1 x 256,
    and of llama_7b with 8-bit per-layer GaLore, rank 1024, pure bf16 (the GaLore paper's 24 GB
    set-up; the paper's single-GPU script measured 22.72 GB), each against `lowmem estimate`;

@@ -164,3 +164,25 @@ def test_kill_9_during_a_sharded_save_resumes_from_the_last_complete_checkpoint(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert resumed.stderr.count("resumed from") == 1
     assert train_losses(tmp_path / "run") == train_losses(sharded_runs("baseline") / "run")
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# Run by the prepared GPU check (bench/gpu_check.py runs `pytest -m cuda`) on a machine with two
+# or more GPUs: the same exactness as on CPU with gloo, here with NCCL.
+@pytest.mark.cuda
+@pytest.mark.skipif(_cuda_devices() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("optimizer", ["baseline", "lora", "galore", "galore8bit", "lora+galore8bit"])
+def test_two_cuda_processes_over_nccl_equal_one_with_accumulation(cli, launch_env, tmp_path, optimizer):
+    on_cuda = ["--device", "cuda"]
+    sharded = launch(launch_env, *fsdp_args(tmp_path, optimizer, "run", ["--parallel", "fsdp", *on_cuda]),
+                     "--nproc", "2")
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["world_size"] == 2
+    single = cli(*fsdp_args(tmp_path, optimizer, "accum", ["--grad-accum", "2", *on_cuda]))
+    assert single.exit_code == 0, single.output
+    assert_close_losses(tmp_path / "run", tmp_path / "accum", rel=1e-3 if "8bit" in optimizer else 1e-5)

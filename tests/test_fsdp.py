@@ -91,14 +91,16 @@ def test_two_sharded_processes_resume_on_one(cli, tmp_path, sharded_runs):
 
 
 @pytest.mark.slow
-def test_one_sharded_process_resumes_on_two(cli, launch_env, tmp_path):
-    args = fsdp_args(tmp_path, "lora", "one", ["--parallel", "fsdp", "--grad-accum", "2"])
+@pytest.mark.parametrize(("optimizer", "rel"), [("lora", 1e-5), ("galore8bit", 1e-3)])
+def test_one_sharded_process_resumes_on_two(cli, launch_env, tmp_path, optimizer, rel):
+    """8-bit GaLore's moments are quantised again per slice: within 8-bit rounding."""
+    args = fsdp_args(tmp_path, optimizer, "one", ["--parallel", "fsdp", "--grad-accum", "2"])
     assert cli(*args).exit_code == 0
     resumed = interrupted_copy(tmp_path / "one", tmp_path / "resumed", step=6)
     args = [a if a != "2" or args[i - 1] != "--grad-accum" else "1" for i, a in enumerate(args)]
     result = launch(launch_env, *resume_args(args, resumed), "--nproc", "2")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_close_losses(resumed, tmp_path / "one")
+    assert_close_losses(resumed, tmp_path / "one", rel=rel)
 
 
 def test_optimizers_that_do_not_shard_are_refused_in_one_line(cli, tmp_path):

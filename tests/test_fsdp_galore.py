@@ -76,17 +76,6 @@ def test_8bit_states_resume_exactly_at_two_and_on_one_process(cli, launch_env, t
     assert_close_losses(one, folder / "run", rel=1e-3)
 
 
-@pytest.mark.slow
-def test_one_sharded_8bit_process_resumes_on_two(cli, launch_env, tmp_path):
-    args = fsdp_args(tmp_path, "galore8bit", "one", ["--parallel", "fsdp", "--grad-accum", "2"])
-    assert cli(*args).exit_code == 0
-    resumed = interrupted_copy(tmp_path / "one", tmp_path / "resumed", step=6)
-    args = [a if a != "2" or args[i - 1] != "--grad-accum" else "1" for i, a in enumerate(args)]
-    result = launch(launch_env, *resume_args(args, resumed), "--nproc", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert_close_losses(resumed, tmp_path / "one", rel=1e-3)
-
-
 def test_full_projection_is_refused_under_fsdp(cli, tmp_path):
     config = tmp_path / "full.json"
     config.write_text(json.dumps({"rank": 4, "proj_type": "full"}))

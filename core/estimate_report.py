@@ -44,7 +44,7 @@ def print_estimates(results: dict[str, Breakdown | str], device_bytes: int | Non
     if first is not None:
         s = first.settings
         title += (f": {first.model}, {s['mode']}, batch {s['batch_size']} x {s['max_length']} tokens, "
-                  f"{s['dtype']}{', per-layer' if first.per_layer else ''}")
+                  f"{s['dtype']}{', per-layer' if first.per_layer else ''}, on {s.get('device', 'cuda')}")
     table = Table(title=title)
     table.add_column("")
     for name in results:

@@ -28,11 +28,24 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 reports_app = typer.Typer(rich_markup_mode=None)
 
 
+def optimizer_list(value: str | None) -> str | None:
+    """Checks a comma-separated list as `lowmem compare --optimizers` does ("all" is --all)."""
+    if value is not None:
+        from lowmem.compare import ALL, parse_optimizer_list
+
+        try:
+            if parse_optimizer_list(value) == [ALL]:
+                raise ValueError("use --all (or leave --optimizer out) for every optimizer")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 @reports_app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 def estimate(
     model: Annotated[str, Opt("--model", help="A registered model (lowmem list-models)")],
-    optimizer: Annotated[str | None, Opt("--optimizer",
-                                         help="One optimizer (default: all, side by side)")] = None,
+    optimizer: Annotated[str | None, Opt("--optimizer", callback=optimizer_list, help=(
+        "One optimizer, or several comma-separated (default: all, side by side)"))] = None,
     all_optimizers: Annotated[bool, Opt("--all", help="Every registered optimizer side by side")] = False,
     mode: Annotated[str, Opt("--mode", callback=choice(MODES))] = "pretraining",
     batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=positive_int)] = 1,
@@ -72,6 +85,9 @@ def estimate(
 
         if optimizer is not None and all_optimizers:
             raise ConfigError("give --optimizer or --all, not both")
+        asked: str | list[str] | None = optimizer
+        if optimizer is not None and "," in optimizer:
+            asked = [name.strip() for name in optimizer.split(",") if name.strip()]
         if device == "auto":
             import torch
 
@@ -84,11 +100,11 @@ def estimate(
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 
-            plain = estimate_many(get_registry(), model, optimizer, checkpointing=False, **options)
-            recomputed = estimate_many(get_registry(), model, optimizer, checkpointing=True, **options)
+            plain = estimate_many(get_registry(), model, asked, checkpointing=False, **options)
+            recomputed = estimate_many(get_registry(), model, asked, checkpointing=True, **options)
             print_fits(plain, recomputed, cast(int, gpu_memory), as_json=as_json)
             return
-        results = estimate_many(get_registry(), model, optimizer, checkpointing=checkpointing, **options)
+        results = estimate_many(get_registry(), model, asked, checkpointing=checkpointing, **options)
         # The size callback turned the text into bytes.
         print_estimates(results, cast("int | None", device_memory), as_json=as_json)
 

@@ -190,14 +190,15 @@ def estimate(
     return result
 
 
-def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str, batch_size: int,
+def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, *, mode: str, batch_size: int,
                   max_length: int, dtype: str, per_layer: bool, grad_accum: int,
                   optimizer_config_file: Any = None, checkpointing: bool = False,
                   lean_loss: bool = False, world_size: int = 1,
                   parallel: str = "ddp", bf16_rounding: str = "kahan",
                   device: str = "cuda") -> dict[str, Breakdown | str]:
-    """``estimate`` for one optimizer, or (``optimizer`` None) every registered one; an optimizer
-    that cannot apply (no per-layer mode, say) maps to its reason instead of a Breakdown."""
+    """``estimate`` for one optimizer, a list of them, or (``optimizer`` None) every registered
+    one; among several, an optimizer that cannot apply (no per-layer mode, say) maps to its
+    reason instead of a Breakdown. Unknown names are errors."""
     from lowmem.resolve import merge_layers, read_config_file
 
     model_plugin = registry.model_for(model)
@@ -208,10 +209,11 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
     files = [(str(optimizer_config_file), file_data)] if file_data is not None else []
     dataset = registry.dataset(registry.default_dataset(mode))
     objective = model_plugin.objective(mode, dataset.kind)
+    names = [optimizer] if isinstance(optimizer, str) else optimizer or sorted(registry.optimizers)
+    plugins = {name: registry.optimizer(name) for name in names}  # unknown names fail first
     results: dict[str, Breakdown | str] = {}
-    for name in [optimizer] if optimizer is not None else sorted(registry.optimizers):
+    for name, optimizer_plugin in plugins.items():
         try:
-            optimizer_plugin = registry.optimizer(name)
             results[name] = estimate(
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
                 max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
@@ -219,7 +221,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | None, *, mode: str
                 world_size=world_size, parallel=parallel, bf16_rounding=bf16_rounding, device=device,
             )
         except ConfigError as exc:
-            if optimizer is not None:
+            if isinstance(optimizer, str):
                 raise
             results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
     return results

@@ -245,6 +245,20 @@ def test_gpu_memory_picks_the_largest_batch_the_estimate_says_fits(cli, tiny_reg
     assert row["largest_batch_checkpointing"] > row["largest_batch"]
 
 
+def test_gpu_memory_answers_for_the_optimizers_given(cli):
+    args = ("estimate", "--model", "tiny-llama", "--max-length", "64", "--gpu-memory", "64MiB", "--json")
+    result = cli(*args, "--optimizer", "lora, galore8bit")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["optimizers"]
+    assert [row["optimizer"] for row in rows] == ["lora", "galore8bit"]
+    assert all(row["largest_batch"] >= 1 for row in rows)
+    everyone = json.loads(cli(*args).output)["optimizers"]
+    assert len(everyone) > 2 and {"lora", "galore8bit", "baseline"} <= {row["optimizer"] for row in everyone}
+    for wrong in ("lora,nope", "lora,lora", "all"):
+        refused = cli(*args, "--optimizer", wrong)
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, wrong
+
+
 def test_gpu_memory_marks_what_cannot_fit_and_refuses_bad_sizes(cli):
     args = ("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--max-length", "64")
     result = cli(*args, "--gpu-memory", "1KiB", "--json")

@@ -265,7 +265,7 @@ def with_fp32_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
     for _, state in _sliced_states(optimizer, state_dict):
         for n in "12":
             moment = state.get(f"state{n}")
-            if is_dtensor(moment) and moment.dtype == torch.uint8:
+            if isinstance(moment, DTensor) and moment.dtype == torch.uint8:
                 absmax = to_local(f"absmax{n}", state[f"absmax{n}"], state)
                 values = bnb.dequantize_blockwise(moment.to_local().contiguous(), absmax=absmax,
                                                   code=state[f"qmap{n}"], blocksize=BLOCK)
@@ -284,10 +284,10 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
         world = param.device_mesh.size()
         for n in "12":
             copy, scales = state.pop(f"{FP32_COPY}{n}", None), state.get(f"absmax{n}")
-            if copy is not None and is_dtensor(scales) and scales.shape[0] == world:
+            if copy is not None and isinstance(scales, DTensor) and scales.shape[0] == world:
                 continue  # the same slices: the saved blocks, bit for bit
             values = copy if copy is not None else state.get(f"state{n}")
-            if not is_dtensor(values) or values.dtype != torch.float32:
+            if not isinstance(values, DTensor) or values.dtype != torch.float32:
                 continue
             local = values.to_local().contiguous()
             state.pop(f"absmax{n}", None)

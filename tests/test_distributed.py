@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support_fsdp import fsdp_args
 from support_runs import (
     assert_runs_identical,
     final_tensors,
@@ -56,6 +57,24 @@ def two_process_runs(launch_env, tmp_path_factory):
         return runs[optimizer]
 
     return get
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_checkpointing_changes_no_loss_with_two_processes(launch_env, tmp_path, two_process_runs,
+                                                          sharded_runs, parallel):
+    """--activation-checkpointing recomputes each block in backward under DDP (its gradient hooks
+    fire during the recomputed backward) and under FSDP (each block gathered again for it): the
+    losses are those of the same run without it, bit for bit."""
+    if parallel == "ddp":
+        reference = two_process_runs("galore")[0] / "run"
+        args = ddp_args(tmp_path, "galore", "run", ["--activation-checkpointing"])
+    else:
+        reference = sharded_runs("baseline") / "run"
+        args = fsdp_args(tmp_path, "baseline", "run", ["--parallel", "fsdp", "--activation-checkpointing"])
+    result = launch(launch_env, *args, "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["activation_checkpointing"] is True
+    assert train_losses(tmp_path / "run") == train_losses(reference) and len(train_losses(reference)) >= 8
 
 
 @pytest.mark.parametrize("optimizer", [

@@ -38,6 +38,17 @@ def test_compile_trains_a_tiny_model(tiny_registry, tmp_path):
     assert len(rows) == 4
 
 
+@pytest.mark.slow  # two inductor compilations: about 45 s on 2 cores
+def test_compile_with_lora_and_checkpointing_trains_as_without(tiny_registry, tmp_path):
+    """Inductor's kernels round differently from eager ones: close, not bitwise."""
+    lora = dict(optimizer="lora", optimizer_config={"lora_dropout": 0.0}, activation_checkpointing=True,
+                num_training_tokens=512)
+    compiled = run(tiny_registry, tmp_path, "compiled", compile=True, **lora)
+    eager = run(tiny_registry, tmp_path, "eager", **lora)
+    assert len(compiled) == 4
+    assert [loss for loss, _ in compiled] == pytest.approx([loss for loss, _ in eager], rel=1e-4)
+
+
 def test_compile_without_inductor_is_refused_in_one_line(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch._inductor", None)  # an import of it now fails
     result = cli("train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama",

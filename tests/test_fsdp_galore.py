@@ -76,6 +76,34 @@ def test_8bit_states_resume_exactly_at_two_and_on_one_process(cli, launch_env, t
     assert_close_losses(one, folder / "run", rel=1e-3)
 
 
+def test_8bit_checkpoints_without_fp32_copies_resume_only_at_their_size(cli, tmp_path, sharded_runs):
+    """A checkpoint written before lowmem kept the fp32 copies is refused in one line elsewhere."""
+    folder = sharded_runs("galore8bit")
+    one = interrupted_copy(folder / "run", tmp_path / "one", step=6)
+    layout_file = one / "checkpoints" / "step-6" / "optimizer_layout.json"
+
+    def without_copies(value):
+        if isinstance(value, dict) and "dict" in value:
+            return {"dict": [[k, without_copies(v)] for k, v in value["dict"]
+                             if not str(k).startswith("lowmem_fp32_state")]}
+        if isinstance(value, dict):
+            return {k: without_copies(v) for k, v in value.items()}
+        return [without_copies(v) for v in value] if isinstance(value, list) else value
+
+    layout = json.loads(layout_file.read_text())
+    assert "lowmem_fp32_state1" in layout_file.read_text()
+    layout_file.write_text(json.dumps(without_copies(layout)))
+    from lowmem.checkpoint_files import MANIFEST, checksum_files, write_manifest
+
+    files = checksum_files(layout_file.parent, 6)
+    files.pop(MANIFEST)
+    write_manifest(layout_file.parent, 6, files)  # as such a checkpoint was written
+    args = fsdp_args(folder, "galore8bit", "run", ["--parallel", "fsdp"])
+    result = cli(*resume_args(args, one), "--grad-accum", "2")
+    assert result.exit_code == 2 and "resume it with that many processes" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_full_projection_is_refused_under_fsdp(cli, tmp_path):
     config = tmp_path / "full.json"
     config.write_text(json.dumps({"rank": 4, "proj_type": "full"}))

@@ -284,8 +284,13 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
         world = param.device_mesh.size()
         for n in "12":
             copy, scales = state.pop(f"{FP32_COPY}{n}", None), state.get(f"absmax{n}")
-            if copy is not None and isinstance(scales, DTensor) and scales.shape[0] == world:
-                continue  # the same slices: the saved blocks, bit for bit
+            same_slices = isinstance(scales, DTensor) and scales.shape[0] == world
+            if same_slices:
+                continue  # the saved blocks, bit for bit
+            if copy is None and isinstance(scales, DTensor):  # written before the fp32 copies
+                raise lowmem.CheckpointError(
+                    f"this checkpoint keeps 8-bit moments per slice of {scales.shape[0]} process(es) "
+                    "without fp32 copies: resume it with that many processes")
             values = copy if copy is not None else state.get(f"state{n}")
             if not isinstance(values, DTensor) or values.dtype != torch.float32:
                 continue

@@ -231,11 +231,9 @@ def main() -> None:
         if args.only_missing and key(spec) in results:
             continue
         runs = [row for row in (run_one(spec) for _ in range(args.repeats)) if row is not None]
-        row = None
         if runs:
             row = {**runs[0], "measured": statistics.median(r["measured"] for r in runs),
                    "measured_runs": [r["measured"] for r in runs]}
-        if row is not None:
             results[key(spec)] = row
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
             print(

@@ -87,7 +87,9 @@ def estimate(
             raise ConfigError("give --optimizer or --all, not both")
         asked: str | list[str] | None = optimizer
         if optimizer is not None and "," in optimizer:
-            asked = [name.strip() for name in optimizer.split(",") if name.strip()]
+            from lowmem.compare import parse_optimizer_list
+
+            asked = parse_optimizer_list(optimizer)  # checked by optimizer_list already
         if device == "auto":
             import torch
 

@@ -39,7 +39,7 @@ class GaLore8bit(GaLore):
     default_config = dict(GALORE8BIT_DEFAULTS)
     config_files: ClassVar[tuple[str, ...]] = ("galore",)
     # Under FSDP each process quantises its own slice of the moments; checkpoints add fp32 copies
-    # (galore_sharded.with_fp32_slices), so they load into any number of processes.
+    # (galore8bit_checkpoint), so they load into any number of processes.
 
     def make_optimizer_factory(self, settings, config):
         # state_bytes (GaLore's) counts 8-bit moments because the config has min_8bit_size.

@@ -20,12 +20,9 @@ import torch  # noqa: E402
 from bitsandbytes.optim.optimizer import Optimizer2State  # noqa: E402
 from bitsandbytes.utils import sync_gpu  # noqa: E402
 
+from lowmem.plugins.optimizers.galore8bit_checkpoint import for_these_slices, with_fp32_slices  # noqa: E402
 from lowmem.plugins.optimizers.galore_common import ProjectorStateMixin, new_projector  # noqa: E402
-from lowmem.plugins.optimizers.galore_sharded import (  # noqa: E402
-    for_these_slices,
-    on_local_shards,
-    with_fp32_slices,
-)
+from lowmem.plugins.optimizers.galore_sharded import on_local_shards  # noqa: E402
 
 
 @on_local_shards  # FSDP: steps each process's slices (galore_sharded)
@@ -105,7 +102,7 @@ class GaLoreAdamW8bit(ProjectorStateMixin, Optimizer2State):
 
     def state_dict(self):
         # Under FSDP the 8-bit moments are checkpointed with fp32 copies, so that a checkpoint
-        # loads into another number of processes (galore_sharded.with_fp32_slices).
+        # loads into another number of processes (galore8bit_checkpoint).
         return with_fp32_slices(super().state_dict(), self)
 
     def load_state_dict(self, state_dict, *args, **kwargs):

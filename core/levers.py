@@ -15,7 +15,12 @@ def enable_checkpointing(model: Any) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         name = type(model).__name__
         raise ConfigError(f"--activation-checkpointing: {name} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):  # transformers 5's name; the old one warns that it goes in v6
+        enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
 
 
 def lean_loss_head(model: Any, objective: str, say: Any) -> tuple[Any, str, Any] | None:

@@ -239,6 +239,9 @@ TRAIN_OPTIONS = (
     TrainOption("seed", ("--seed",), int),
     TrainOption("grad_accum", ("--grad-accum", "--grad_accum"), int, "Micro-batches per optimizer step",
                 positive_int),
+    TrainOption("per_layer", ("--per-layer", "--per_layer"), bool,
+                "Update each weight during backward as its gradient is ready (optimizers with a "
+                "per_layer setting: galore, galore8bit, lora+galore8bit)"),
     TrainOption("parallel", ("--parallel",), str, "ddp (a full model per process) or fsdp (weights, "
                 "gradients and optimizer states sharded over the processes)", choice(CHOICES["parallel"])),
     TrainOption("max_grad_norm", ("--max-grad-norm", "--max_grad_norm"), float | None,

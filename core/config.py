@@ -55,6 +55,9 @@ class TrainConfig:
     warmup_steps: int | None = None  # linear warm-up in optimizer steps; None = 10% of the run
     min_lr_ratio: float = 0.1  # where the cosine ends, as a fraction of lr
     grad_accum: int = 1  # micro-batches per optimizer step
+    # Update each weight from its gradient hook inside backward, so all gradients never exist at
+    # once: the optimizer's own "per_layer" setting (for optimizers that have one).
+    per_layer: bool = False
     parallel: str = "ddp"  # one of PARALLEL: how several processes share the work
     # Clip the global gradient norm; 0: no clipping. None: 1.0, or none for an optimizer that
     # updates inside backward (per-layer, LOMO), which cannot clip by the global norm.

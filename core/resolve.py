@@ -47,7 +47,8 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
         raise ConfigError(f"optimizer {optimizer.name!r} does not support --parallel fsdp (its updates are "
                           "not known to be exact on sharded parameters); use --parallel ddp")
     dataset, source = resolve_dataset(config, registry)
-    changes: dict[str, Any] = {"optimizer_config": merge_optimizer_config(optimizer, config, say),
+    merged = merge_optimizer_config(optimizer, config, say)
+    changes: dict[str, Any] = {"optimizer_config": merged, "per_layer": bool(merged.get("per_layer", False)),
                                "dataset": dataset, "dataset_source": source, "model": model.name}
     if config.test:
         changes.update(test_caps(config, say))
@@ -136,6 +137,11 @@ def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig,
         layers.append((str(config.optimizer_config_file), read_config_file(config.optimizer_config_file)))
     if config.optimizer_config:
         layers.append(("optimizer_config", dict(config.optimizer_config)))
+    if config.per_layer:
+        if "per_layer" not in optimizer.default_config:
+            raise ConfigError(f"--per-layer: optimizer {optimizer.name!r} has no per-layer mode (those with "
+                              "one have a 'per_layer' setting; lowmem list-optimizers)")
+        layers.append(("--per-layer", {"per_layer": True}))
     return merge_layers(optimizer, layers)
 
 

@@ -31,6 +31,9 @@ class StepResult:
     lr: float  # the learning rate the update used
     skipped: str | None  # "loss" or "gradient norm" when non-finite: no update was applied
     stop: bool  # some rank was asked to stop (SIGINT/SIGTERM): every rank stops after this step
+    # Skipped by an optimizer that steps inside backward: the weights it stepped before the first
+    # non-finite gradient were updated, the rest were not.
+    partial: bool = False
 
 
 def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_requested: bool) -> StepResult:
@@ -77,8 +80,10 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         # Over sharded (DTensor) gradients the norm is the global one, replicated on every rank.
         grad_norm = local(torch.nn.utils.clip_grad_norm_(run.trainable_parameters, max_norm))
     # With fp16 the loss scaler owns inf/NaN gradients: it skips the step and lowers the scale.
+    # (An optimizer that steps inside backward held back every weight from its first non-finite
+    # gradient on; its norm, summed over the processes above, tells them all to stop together.)
     bad_norm = stats[:1] * 0
-    if grad_norm is not None and not run.scaler.is_enabled() and not run.steps_in_backward:
+    if grad_norm is not None and not run.scaler.is_enabled():
         bad_norm = (~torch.isfinite(grad_norm)).to(torch.float64).reshape(1)
     # The step's one host read: what happens next depends on these.
     step_tokens, bad_loss, stop, bad_grad = torch.cat([stats[1:4], bad_norm]).tolist()
@@ -87,7 +92,8 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
     skipped = "loss" if bad_loss else "gradient norm" if bad_grad else None
     if skipped is not None:
         run.optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_loss, int(step_tokens), grad_norm, lr, skipped, bool(stop))
+        partial = bool(bad_grad) and run.steps_in_backward
+        return StepResult(mean_loss, int(step_tokens), grad_norm, lr, skipped, bool(stop), partial)
 
     scale_before = run.scaler.get_scale() if run.scaler.is_enabled() else 0.0
     run.scaler.step(run.optimizer)

@@ -100,12 +100,13 @@ def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, 
             if result.skipped is not None:
                 state.nonfinite_skips += 1
                 where = f"non-finite {result.skipped} at step {state.step + 1}"
+                update = "the rest of the update" if result.partial else "the update"
                 if config.on_nonfinite == "stop":
-                    raise NonFiniteError(f"{where}; stopped before the update (last checkpoint kept intact)")
+                    raise NonFiniteError(f"{where}; stopped before {update} (last checkpoint kept intact)")
                 if state.nonfinite_skips >= config.max_nonfinite_skips:
                     raise NonFiniteError(
                         f"{where}; {state.nonfinite_skips} consecutive updates skipped, stopping")
-                say(f"warning: {where}; update skipped")
+                say(f"warning: {where}; {'the rest of the ' if result.partial else ''}update skipped")
             else:
                 state.nonfinite_skips = batches.fruitless_epochs = 0
                 state.step += 1

@@ -14,8 +14,9 @@ from tiny_plugin import tiny_model_classes
 import lowmem
 
 
-def poisoned_llama(name: str, at_call: int, factor: float):
-    """A tiny llama whose loss is multiplied by ``factor`` on its ``at_call``-th training forward."""
+def poisoned_llama(name: str, at_call: int, factor: float, gradient_only: bool = False):
+    """A tiny llama whose loss (or, ``gradient_only``, the gradient flowing back from its finite
+    loss) is multiplied by ``factor`` on its ``at_call``-th training forward."""
     base = tiny_model_classes()[0]
 
     class Poisoned(base):
@@ -28,7 +29,8 @@ def poisoned_llama(name: str, at_call: int, factor: float):
                 if model.training:
                     calls[0] += 1
                     if calls[0] == at_call:
-                        output.loss = output.loss * factor
+                        scale = ScaleGradient.apply if gradient_only else lambda x, f: x * f
+                        output.loss = scale(output.loss, factor)
                 return output
 
             model.forward = forward
@@ -38,11 +40,31 @@ def poisoned_llama(name: str, at_call: int, factor: float):
     return Poisoned()
 
 
+def _scale_gradient():
+    import torch
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, factor):
+            ctx.factor = factor
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * ctx.factor, None
+
+    return Scale
+
+
+ScaleGradient = _scale_gradient()
+
+
 class Faulty:
     @lowmem.hookimpl
     def register_models(self, register):
         register(poisoned_llama("nan-at-5", 5, float("nan")))
         register(poisoned_llama("overflow-at-3", 3, 1e9))
+        register(poisoned_llama("inf-gradient-at-3", 3, float("inf"), gradient_only=True))
 
     @lowmem.hookimpl
     def register_datasets(self, register):
@@ -109,6 +131,29 @@ def test_nan_loss_skip_keeps_parameters_and_schedule(faulty_cli, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # the skipped batch is not a step
     state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
     assert state["scheduler"]["last_epoch"] == state["state"]["step"]
+
+
+def test_per_layer_updates_stop_at_a_non_finite_gradient(faulty_cli, tmp_path):
+    """Per-layer GaLore steps each weight inside backward: an inf gradient (of a finite loss)
+    must reach no weight, the step must count as skipped, and stop mode must exit 3."""
+    from lowmem.checkpoint_files import complete_checkpoints
+
+    args = with_model(pretrain_args(tmp_path, "galore", tokens=1500,
+                                    extra=["--per-layer", "--on-nonfinite", "skip"]), "inf-gradient-at-3")
+    result = faulty_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "non-finite gradient norm at step 3; the rest of the update skipped" in result.output
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert rows and all(math.isfinite(r["grad_norm"]) for r in rows)  # a real norm, never NaN
+    assert all(all_finite(c) for c in complete_checkpoints(tmp_path / "run"))
+
+    stop = with_model(pretrain_args(tmp_path, "galore", out="stop", tokens=1500,
+                                    extra=["--per-layer", "--save-every", "2"]), "inf-gradient-at-3")
+    result = faulty_cli(*stop)
+    assert result.exit_code == 3 and "non-finite gradient norm at step 3" in result.output
+    assert "Traceback" not in result.output
+    saved = complete_checkpoints(tmp_path / "stop")
+    assert [p.name for p in saved] == ["step-2"] and all_finite(saved[0])
 
 
 def test_fp16_overflow_is_skipped_by_the_scaler_without_advancing_the_schedule(faulty_cli, tmp_path):

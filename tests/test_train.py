@@ -152,6 +152,17 @@ def test_per_layer_refuses_a_given_clip_and_runs_unclipped_by_default(cli, tmp_p
     assert norms and all(norm is not None and norm > 0 for norm in norms)
 
 
+def test_the_per_layer_flag_sets_the_optimizers_per_layer_mode(cli, tmp_path):
+    result = cli(*pretrain_args(tmp_path, "galore", tokens=1000, extra=["--per-layer"]))
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["per_layer"] is True and recorded["optimizer_config"]["per_layer"] is True
+    assert recorded["applied_max_grad_norm"] == 0.0  # stepped inside backward: not clipped
+    refused = cli(*pretrain_args(tmp_path, "baseline", out="refused", extra=["--per-layer"]))
+    assert refused.exit_code == 2 and "has no per-layer mode" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "refused").exists()
+
+
 def test_the_default_clip_is_one_for_optimizers_that_step_after_backward(cli, tmp_path):
     result = cli(*pretrain_args(tmp_path, "baseline", tokens=600))
     assert result.exit_code == 0, result.output

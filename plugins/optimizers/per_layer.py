@@ -36,6 +36,21 @@ def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
             else:
                 p.grad.detach_().zero_()
 
+
+def is_finite(square: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether a gradient (``square``: its squared norm, of this process's slice under FSDP) is
+    finite: one host read per weight. FSDP processes decide together, on the whole gradient: a
+    GaLore refresh in the step that follows is a collective that all of them must join."""
+    finite = torch.isfinite(square)
+    if hasattr(grad, "device_mesh"):
+        import torch.distributed as dist
+
+        flag = finite.to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
+        return bool(flag.item())
+    return bool(finite.item())
+
+
 class PerLayerOptimizer(torch.optim.Optimizer):
     # Tells the training loop that updates happen inside backward: there is no moment to
     # unscale (fp16) or clip gradients, so it refuses fp16 instead of stepping on scaled grads.
@@ -64,6 +79,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         # Hook calls since each parameter's last step.
         self.micro_batches = [0] * len(params)
         self.norm_squared: torch.Tensor | None = None  # of the gradients stepped on since zero_grad
+        self.nonfinite = False  # a gradient of this window was inf/NaN: no weight steps until zero_grad
         self.hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(index)) for index, p in enumerate(params)
         ]
@@ -85,6 +101,13 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP slice: its part
             square = local.detach().float().pow(2).sum()
             self.norm_squared = square if self.norm_squared is None else self.norm_squared + square
+            if self.nonfinite or not is_finite(square, grad):
+                # The non-finite check a normal step makes on the global norm, made weight by
+                # weight: an inf/NaN gradient reaches no weight and no state, and nothing after
+                # it in this step is updated either (the loop then stops or skips the step).
+                self.nonfinite = True
+                param.grad = None
+                return
         self.inner_optimizers[index].step()
         param.grad = None  # the whole point: this gradient is not kept until the end
 
@@ -137,6 +160,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         drop_gradients(self.parameters_in_order, set_to_none)
         self.micro_batches = [0] * len(self.micro_batches)
         self.norm_squared = None
+        self.nonfinite = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "inner_optimizers"):

@@ -53,6 +53,10 @@ NO_ADAPTERS = Adapters()
 def find_adapters(model: Any) -> Adapters:
     """The peft LoRA layers of ``model`` and whether the weights of its blocks are all frozen
     (the output head and peft's fully trained ``modules_to_save`` do not count)."""
+    import sys
+
+    if "peft" not in sys.modules:  # nothing built adapters (importing peft would load bitsandbytes)
+        return NO_ADAPTERS
     import torch
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper

@@ -16,13 +16,11 @@ from typing import Annotated, Any
 import typer
 
 from lowmem.cli_check import check_app
+from lowmem.cli_commands import LowmemCommand, LowmemGroup, exit_on_error
 from lowmem.cli_options import (
-    LowmemCommand,
-    LowmemGroup,
     Opt,
     config_from_options,
     existing_file,
-    exit_on_error,
     positive_int,
     with_parameters,
 )

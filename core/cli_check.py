@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from lowmem.cli_options import LowmemCommand, Opt, exit_on_error
+from lowmem.cli_commands import LowmemCommand, exit_on_error
+from lowmem.cli_options import Opt
 
 check_app = typer.Typer(rich_markup_mode=None)
 

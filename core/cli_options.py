@@ -1,15 +1,13 @@
 """How the CLI reads what users type: the option checks (each raises ``typer.BadParameter``:
-exit 2 with one line naming the option), the value parsers, the ``train`` options built from
-``TrainConfig``'s fields, and the one place exceptions become exit codes."""
+exit 2 with one line naming the option), the value parsers and the ``train`` options built from
+``TrainConfig``'s fields. How errors end: ``lowmem.cli_commands``."""
 
 from __future__ import annotations
 
 import inspect
 import math
-import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,43 +16,8 @@ import typer
 import typer.core
 
 from lowmem.config import CHOICES, TrainConfig, default_of
-from lowmem.errors import LowmemError, PluginFault, exit_code_of
 
 Opt = typer.Option
-
-
-class _HelpFlagDefaultsFalse:
-    """Typer checks every option value through a pydantic adapter, except bool flags whose value
-    already is a bool. Its --help flag defaults to None, so every command (even
-    ``list-optimizers``) would import pydantic (~80 ms); a False default skips that."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        if option is not None and option.default is None:
-            option.default = False
-        return option
-
-
-class LowmemGroup(_HelpFlagDefaultsFalse, typer.core.TyperGroup):
-    """The app's and sub-apps' command group (``typer.Typer(cls=LowmemGroup)``)."""
-
-
-class LowmemCommand(_HelpFlagDefaultsFalse, typer.core.TyperCommand):
-    """Every command's class (``@app.command(cls=LowmemCommand)``)."""
-
-
-@contextmanager
-def exit_on_error() -> Iterator[None]:
-    """Every lowmem error ends in one line on stderr (rank 0 only under a launcher) and the
-    exit code its ``ExitCode`` names; never a traceback."""
-    try:
-        yield
-    except LowmemError as exc:
-        if os.environ.get("RANK", "0") == "0":
-            prefix = "" if exc.exit_code >= 128 else "error: "
-            suffix = " (the last checkpoint is intact)" if isinstance(exc, PluginFault) else ""
-            typer.echo(f"{prefix}{exc}{suffix}", err=True)
-        raise typer.Exit(int(exit_code_of(exc))) from None
 
 
 # -- value parsers ---------------------------------------------------------------------------
@@ -140,7 +103,20 @@ def _parsed(parse: Callable[[str], Any], hint: str = "") -> Callable[[str | None
 
 
 boolean = _parsed(parse_bool, "; use true or false")
-size = _parsed(parse_bytes)
+
+
+def size(value: str | None) -> int | None:
+    """A memory size: positive, and a bare number only when it is plainly bytes (``24`` for 24 GiB
+    would otherwise fit nothing)."""
+    parsed = _parsed(parse_bytes)(value)
+    if parsed is None:
+        return None
+    if parsed <= 0:
+        raise typer.BadParameter(f"{value!r} is not a positive size")
+    if parsed < 2**20 and re.fullmatch(r"[0-9.e+-]+", str(value).strip().lower()):
+        raise typer.BadParameter(f"{value!r} has no unit, so it means {parsed} bytes; give one, "
+                                 f"e.g. {value}GiB")
+    return parsed
 
 
 def count(value: str | None) -> int | None:

@@ -8,13 +8,12 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
+from lowmem.cli_commands import LowmemCommand, exit_on_error
 from lowmem.cli_options import (
-    LowmemCommand,
     Opt,
     choice,
     config_from_options,
     existing_file,
-    exit_on_error,
     positive_int,
     size,
     with_parameters,

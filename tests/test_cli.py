@@ -80,8 +80,26 @@ def test_bad_input_exits_2_with_a_clear_line(cli, args, needle, captured):
     result = cli(*args)
     assert result.exit_code == 2, result.output
     assert needle in result.output
-    assert "Traceback" not in result.output
+    assert result.output.strip().startswith("error: ") and len(result.output.strip().splitlines()) == 1
     assert not captured  # refused before the core was called: no model was built
+
+
+@pytest.mark.parametrize("args,needle", [
+    (BASE + ["--bogus-option"], "No such option: --bogus-option"),
+    (BASE + ["--parallel", "zero"], "ddp, fsdp"),
+    (["train", "--optimizer", "baseline", "--model", "tiny-llama"], "Missing option '--mode'"),
+    (["estimate", "--model", "tiny-llama", "--gpu-memory", "abc"], "not a size"),
+    (["estimate", "--model", "tiny-llama", "--gpu-memory", "0GiB"], "not a positive size"),
+    (["estimate", "--model", "tiny-llama", "--gpu-memory", "24"], "no unit"),
+    (["estimate", "--model", "tiny-llama", "--nproc", "0"], "--nproc"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_are_one_line_too(cli, args, needle):
+    """Click would print a usage block and a hint above the error: lowmem prints the error."""
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert result.output.startswith("error: ") and needle in result.output
 
 
 def test_unknown_optimizer_lists_choices(cli, captured):

@@ -1,0 +1,70 @@
+"""The shape of every lowmem command, and the one place errors become exit codes: a usage
+error (unknown option, bad value) and a lowmem error alike end in one line on stderr and the
+exit code the error names, never a traceback or a usage block."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+import typer.core
+
+from lowmem.errors import LowmemError, PluginFault, exit_code_of
+
+
+class _HelpFlagDefaultsFalse:
+    """Typer checks every option value through a pydantic adapter, except bool flags whose value
+    already is a bool. Its --help flag defaults to None, so every command (even
+    ``list-optimizers``) would import pydantic (~80 ms); a False default skips that."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+
+class LowmemGroup(_HelpFlagDefaultsFalse, typer.core.TyperGroup):
+    """The app's and sub-apps' command group (``typer.Typer(cls=LowmemGroup)``)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Typer's, except that a usage error prints ``error: <what>`` alone (Click's usage block
+        and hint would make it four lines) and exits 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except typer.TyperException as exc:  # Click's exceptions: usage errors, bad values
+            message = getattr(exc, "format_message", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" or not callable(message):
+                exc.show()  # type: ignore[attr-defined]  # `lowmem` alone: the help
+            else:
+                typer.echo(f"error: {message()}", err=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class LowmemCommand(_HelpFlagDefaultsFalse, typer.core.TyperCommand):
+    """Every command's class (``@app.command(cls=LowmemCommand)``)."""
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Every lowmem error ends in one line on stderr (rank 0 only under a launcher) and the
+    exit code its ``ExitCode`` names; never a traceback."""
+    try:
+        yield
+    except LowmemError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            prefix = "" if exc.exit_code >= 128 else "error: "
+            suffix = " (the last checkpoint is intact)" if isinstance(exc, PluginFault) else ""
+            typer.echo(f"{prefix}{exc}{suffix}", err=True)
+        raise typer.Exit(int(exit_code_of(exc))) from None

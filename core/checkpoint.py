@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +152,10 @@ def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int
     current = config.to_json()
     changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
     if saved.get("parallel", "ddp") != config.parallel:
-        changed.append("parallel")
-    if saved_world != world_size and config.parallel == "fsdp" and "parallel" not in changed:
+        raise ConfigError("cannot resume: the checkpoint is not sharded (the run used --parallel ddp), so "
+                          "it resumes with --parallel ddp on its own number of processes; a run meant to "
+                          "continue sharded elsewhere starts with --parallel fsdp, on one process too")
+    if saved_world != world_size and config.parallel == "fsdp":
         # Sharded checkpoints load into any number of processes; the step must stay the same.
         before, after = (c["batch_size"] * c["grad_accum"] * n for c, n in ((saved, saved_world),
                                                                             (current, world_size)))
@@ -218,6 +220,19 @@ def find(config: TrainConfig, say) -> Path | None:
         return files.find(config.resume, Path(config.output_dir), say)
     except OSError as exc:
         raise ConfigError(f"cannot read checkpoint {config.resume}: {exc}") from None
+
+
+def continue_as_saved(config: TrainConfig, path: Path | None, say) -> TrainConfig:
+    """A sharded checkpoint resumes sharded: only FSDP reads its slices (into any number of
+    processes), so a resume that left ``--parallel`` at ddp (one process continuing a run of
+    several, say) continues under fsdp, and says so."""
+    if path is None or config.parallel == "fsdp":
+        return config
+    saved = json.loads((path / "trainer_state.json").read_text())["config"]
+    if saved.get("parallel") != "fsdp":
+        return config
+    say("note: the checkpoint is sharded (--parallel fsdp), so the run continues sharded")
+    return replace(config, parallel="fsdp")
 
 
 def clean_folder(run_dir: Path) -> None:

@@ -66,6 +66,7 @@ def run(config: TrainConfig, registry: Registry, dist: DistContext, stop_request
     started = time.perf_counter()
     run_dir = Path(config.output_dir)
     resume_from = checkpoint.find(config, say)
+    config = checkpoint.continue_as_saved(config, resume_from, say)
     if dist.is_main:
         checkpoint.clean_folder(run_dir)
     job = assemble(config, registry, dist, say)

@@ -71,8 +71,12 @@ def test_8bit_states_resume_exactly_at_two_and_on_one_process(cli, launch_env, t
     folder = sharded_runs("galore8bit")
     args = resumes_exactly_at_two(launch_env, tmp_path, folder, "galore8bit")
     one = interrupted_copy(folder / "run", tmp_path / "one", step=6)
-    result = cli(*resume_args(args, one), "--grad-accum", "2")
+    # Without --parallel fsdp: a sharded checkpoint continues sharded, and says so.
+    single = [a for i, a in enumerate(args) if "--parallel" not in (a, args[i - 1])]
+    result = cli(*resume_args(single, one), "--grad-accum", "2")
     assert result.exit_code == 0, result.output
+    assert "the run continues sharded" in result.output
+    assert json.loads((one / "config.json").read_text())["parallel"] == "fsdp"
     assert_close_losses(one, folder / "run", rel=1e-3)
 
 

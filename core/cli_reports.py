@@ -185,6 +185,12 @@ def print_result(result: "RunResult") -> None:
     for key, value in result.to_json().items():
         if key in ("model", "optimizer", "output_dir") or value is None:
             continue
+        if key == "per_process":  # one row per process, when there are several
+            for figures in value if len(value) > 1 else ():
+                shown = ", ".join(f"{name[:-6].replace('_', ' ')} {format_bytes(figures[name])}"
+                                  for name in figures if name.endswith("_bytes"))
+                table.add_row(f"rank {figures['rank']}", shown)
+            continue
         if key.endswith("_bytes") and isinstance(value, int):
             shown = format_bytes(value)
         elif isinstance(value, float):

@@ -58,13 +58,15 @@ def gradient_bytes(model) -> int:
     return unique_tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
-def run_figures(model, optimizer, grad_bytes: int, gather) -> dict[str, int]:
-    """This process's parameter, gradient and optimizer-state bytes (its shards under FSDP) and,
-    as ``world_...``, their sums over every process (``gather``: DistContext.gather)."""
+def run_figures(model, optimizer, grad_bytes: int, peak_memory_bytes: int, gather) -> dict[str, Any]:
+    """This process's parameter, gradient and optimizer-state bytes (its shards under FSDP) and
+    peak memory; as ``world_...``, their sums over every process; and as ``per_process``, each
+    process's own (``gather``: DistContext.gather, rank order)."""
     mine = {"param_bytes": parameter_bytes(model), "grad_bytes": grad_bytes,
-            "optimizer_state_bytes": optimizer_state_bytes(optimizer)}
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer), "peak_memory_bytes": peak_memory_bytes}
     every = gather(mine)
-    return {**mine, **{f"world_{key}": sum(figures[key] for figures in every) for key in mine}}
+    return {**mine, **{f"world_{key}": sum(figures[key] for figures in every) for key in mine},
+            "per_process": [{"rank": rank, **figures} for rank, figures in enumerate(every)]}
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -48,12 +48,15 @@ class RunResult:
     eval_pearson: float | None = None  # regression (one float label)
     eval_spearman: float | None = None  # regression
     eval_accuracy_mismatched: float | None = None  # MNLI's validation_mismatched split
-    # param_bytes, grad_bytes and optimizer_state_bytes are this process's (its shards under
-    # --parallel fsdp); these are their sums over all processes.
+    # param_bytes, grad_bytes, optimizer_state_bytes and peak_memory_bytes are this process's
+    # (rank 0's in summary.json; its shards under --parallel fsdp); these are their sums over all
+    # processes, and per_process holds each process's own: {"rank", "param_bytes", ...}.
     parallel: str = "ddp"
     world_param_bytes: int | None = None
     world_grad_bytes: int | None = None
     world_optimizer_state_bytes: int | None = None
+    world_peak_memory_bytes: int | None = None
+    per_process: list[dict[str, int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

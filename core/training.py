@@ -164,11 +164,11 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
         wall_seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
         tokens_per_second=state.tokens / max(state.train_seconds, 1e-9),
         step_seconds=state.train_seconds / state.step,
-        **memory.run_figures(job.model, job.optimizer, job.grad_bytes, dist.gather),
+        **memory.run_figures(job.model, job.optimizer, job.grad_bytes,
+                             peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()), dist.gather),
         trainable_params=trainable, total_params=total_params, peak_rss_bytes=memory.peak_rss_bytes(),
         peak_allocated_bytes=peaks.get("peak_allocated_bytes"),
         peak_reserved_bytes=peaks.get("peak_reserved_bytes"),
-        peak_memory_bytes=peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()),
         world_size=dist.world_size, parallel=config.parallel,
     )
     files.write_summary(result.to_json())

@@ -43,6 +43,14 @@ def test_two_sharded_processes_equal_one_with_accumulation(cli, tmp_path, sharde
         assert 0 < summary[key] <= 0.55 * one[key], key  # each process holds half
         assert summary[f"world_{key}"] == pytest.approx(one[key], rel=0.01), key  # the halves add up
         assert one[f"world_{key}"] == one[key]
+        # Each process's own figures too, in rank order; rank 0's are the top-level ones.
+        assert [p[key] for p in summary["per_process"]][:1] == [summary[key]]
+        assert sum(p[key] for p in summary["per_process"]) == summary[f"world_{key}"]
+        assert all(0 < p[key] <= 0.55 * one[key] for p in summary["per_process"]), key
+    assert [p["rank"] for p in summary["per_process"]] == [0, 1]
+    peaks = [p["peak_memory_bytes"] for p in summary["per_process"]]
+    assert min(peaks) > 0 and summary["world_peak_memory_bytes"] == sum(peaks)
+    assert [p["rank"] for p in one["per_process"]] == [0]
 
     # The exported model is the whole gathered model, as a single process writes it.
     import safetensors.torch

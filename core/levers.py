@@ -49,7 +49,28 @@ def compile_model(model: Any, device: Any) -> Any:
     if device.type == "cpu" and not _cpu_compiler_available():
         raise ConfigError("--compile on CPU needs a C++ compiler (inductor generates C++); install g++ "
                           "or drop --compile")
+    _trial_compile(device)
     return torch.compile(model)
+
+
+def _trial_compile(device: Any) -> None:
+    """Compile and run a two-operation function first: a compiler inductor cannot use (its
+    configured CXX, a missing Triton on CUDA, a Python torch.compile does not support) is bad
+    input, found in a second or two, and not a traceback at the model's first step."""
+    import torch
+
+    from lowmem.text import first_line
+
+    def scale_and_shift(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    try:
+        result = torch.compile(scale_and_shift, fullgraph=True)(torch.ones(4, device=device))
+        if not bool((result == 3).all()):
+            raise RuntimeError("the compiled test function computed a wrong result")
+    except Exception as exc:  # noqa: BLE001 - inductor's failures have many types
+        raise ConfigError(f"--compile: inductor cannot compile on {device.type} here: {first_line(exc)}; "
+                          "drop --compile") from None
 
 
 def _cpu_compiler_available() -> bool:

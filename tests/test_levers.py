@@ -58,6 +58,22 @@ def test_compile_without_inductor_is_refused_in_one_line(cli, tmp_path, monkeypa
     assert "Traceback" not in result.output
 
 
+def test_compile_that_inductor_cannot_carry_out_is_refused_in_one_line(cli, tmp_path, monkeypatch):
+    """Inductor present, but compiling fails (a broken compiler, say): found before training."""
+    import torch
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    result = cli("train", "--mode", "pretraining", "--optimizer", "baseline", "--model", "tiny-llama",
+                 "--max_length", "32", "--num_training_tokens", "256", "--compile",
+                 "--output-dir", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert "--compile: inductor cannot compile on cpu here: InvalidCxxCompiler" in result.output
+    assert "more detail" not in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lean_loss_equals_the_plain_loss_and_gradients(family):
     """Chunked (chunks of 7 tokens, vocab 384) against transformers' own loss, fp32."""

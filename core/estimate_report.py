@@ -88,8 +88,10 @@ def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | st
         if not isinstance(result, Breakdown) or not isinstance(other, Breakdown):
             rows.append({"optimizer": name, "error": result if isinstance(result, str) else other})
             continue
-        rows.append({"optimizer": name, "largest_batch": largest_batch(result, device_bytes),
-                     "largest_batch_checkpointing": largest_batch(other, device_bytes),
+        largest, largest_recomputed = largest_batch(result, device_bytes), largest_batch(other, device_bytes)
+        rows.append({"optimizer": name, "largest_batch": largest,
+                     "largest_batch_checkpointing": largest_recomputed,
+                     "fits_at_batch_1": largest > 0, "fits_at_batch_1_checkpointing": largest_recomputed > 0,
                      "total_at_batch_1": result.at_batch(1).total,
                      "total_at_batch_1_checkpointing": other.at_batch(1).total})
     return rows

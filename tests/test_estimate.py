@@ -243,6 +243,7 @@ def test_gpu_memory_picks_the_largest_batch_the_estimate_says_fits(cli, tiny_reg
                                checkpointing=checkpointing, **options)["baseline"]
         assert fits.total <= 64 * 2**20 < bigger.total
     assert row["largest_batch_checkpointing"] > row["largest_batch"]
+    assert row["fits_at_batch_1"] is row["fits_at_batch_1_checkpointing"] is True
 
 
 def test_gpu_memory_answers_for_the_optimizers_given(cli):
@@ -263,7 +264,9 @@ def test_gpu_memory_marks_what_cannot_fit_and_refuses_bad_sizes(cli):
     args = ("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--max-length", "64")
     result = cli(*args, "--gpu-memory", "1KiB", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["optimizers"][0]["largest_batch"] == 0
+    row = json.loads(result.output)["optimizers"][0]
+    assert row["largest_batch"] == row["largest_batch_checkpointing"] == 0
+    assert row["fits_at_batch_1"] is row["fits_at_batch_1_checkpointing"] is False
     table = cli(*args, "--gpu-memory", "1KiB")
     assert "cannot fit" in table.output
     bad = cli("estimate", "--model", "tiny-llama", "--gpu-memory", "lots")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,14 +31,17 @@ class _HelpFlagDefaultsFalse:
 class LowmemGroup(_HelpFlagDefaultsFalse, typer.core.TyperGroup):
     """The app's and sub-apps' command group (``typer.Typer(cls=LowmemGroup)``)."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
         """Typer's, except that a usage error prints ``error: <what>`` alone (Click's usage block
         and hint would make it four lines) and exits 2."""
+        run = dict(args=args, prog_name=prog_name, complete_var=complete_var,
+                   windows_expand_args=windows_expand_args, **extra)
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return super().main(standalone_mode=False, **run)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(standalone_mode=False, **run)
         except typer.Abort:
             typer.echo("Aborted!", err=True)
             sys.exit(1)

@@ -151,10 +151,6 @@ def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int
                      say) -> None:
     current = config.to_json()
     changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
-    if saved.get("parallel", "ddp") != config.parallel:
-        raise ConfigError("cannot resume: the checkpoint is not sharded (the run used --parallel ddp), so "
-                          "it resumes with --parallel ddp on its own number of processes; a run meant to "
-                          "continue sharded elsewhere starts with --parallel fsdp, on one process too")
     if saved_world != world_size and config.parallel == "fsdp":
         # Sharded checkpoints load into any number of processes; the step must stay the same.
         before, after = (c["batch_size"] * c["grad_accum"] * n for c, n in ((saved, saved_world),
@@ -191,8 +187,10 @@ def load(run, path: Path, dist, say) -> TrainState:
     if meta.get("resolved_dtype", run.dtype) != run.dtype:  # --dtype auto can resolve differently elsewhere
         raise ConfigError(f"cannot resume: the checkpoint trained in {meta['resolved_dtype']}, this run "
                           f"would use {run.dtype}; pass --dtype {meta['resolved_dtype']}")
-    if run.config.parallel == "fsdp":
+    if run.config.parallel == "fsdp" and meta["config"].get("parallel") == "fsdp":
         sharded.load_shards(run, path)
+    elif run.config.parallel == "fsdp":  # written whole: sliced here
+        sharded.load_whole(run, path, files.load_tensors)
     else:
         missing, unexpected = safetensors.torch.load_model(
             run.model, str(path / "model.safetensors"), strict=False, device=str(run.device))

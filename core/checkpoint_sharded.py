@@ -73,6 +73,72 @@ def load_shards(run: Any, path: Path) -> None:
     run.optimizer.load_state_dict(rebuild(skeleton, state["optimizer"]))
 
 
+def load_whole(run: Any, path: Path, load_tensors: Any) -> None:
+    """Every process: its slices of a checkpoint written whole (by one process, or by DDP): the
+    model's tensors and the optimizer's state sliced as this run's parameters are
+    (``whole_to_slices``), so a run can move from one process to several sharded ones."""
+    import safetensors.torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model_state = safetensors.torch.load_file(str(path / "model.safetensors"), device=str(run.device))
+    try:
+        set_model_state_dict(run.model, model_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not fit the model: "
+                              f"{first_line(exc)}") from None
+    state = packed(load_tensors(path / "optimizer.pt"))
+    run.optimizer.load_state_dict(whole_to_slices(state, run.optimizer))
+
+
+def packed(value: Any) -> Any:
+    """``value`` with its tensors contiguous: a whole checkpoint keeps views as they were (a
+    projection matrix cut from an SVD's factor), and sharded checkpoints refuse to write them."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    if isinstance(value, dict):
+        return {key: packed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(packed(item) for item in value)
+    return value
+
+
+# bitsandbytes' quantisation maps (constants) and block scales: not element-wise state.
+NOT_SLICED = ("qmap1", "qmap2", "absmax1", "absmax2")
+
+
+def whole_to_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """A whole optimizer ``state_dict`` (torch's form, or per-layer's list of them) with every
+    element-wise state tensor of a sliced parameter (a float tensor as many-dimensional as the
+    parameter and as long along its sliced dimension: Adam's moments, whole or low-rank) made a
+    DTensor sliced like it. Scalars, projection matrices and 8-bit blocks stay as they are: the
+    optimizer's own ``load_state_dict`` re-slices what needs more (8-bit GaLore re-quantises)."""
+    import torch
+    from torch.distributed.tensor import distribute_tensor
+
+    inner = getattr(optimizer, "inner_optimizers", None)
+    if "per_layer" in state_dict and inner is not None:
+        return {**state_dict, "per_layer": [whole_to_slices(s, o) for s, o in zip(state_dict["per_layer"],
+                                                                                  inner, strict=True)]}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in state_dict.get("state", {}).items():
+        param = params[index]
+        if not is_sharded(param) or not isinstance(state, dict):
+            continue
+        dim = param.placements[0].dim
+        # bitsandbytes nests its moments in a dict of their own, under a key it names.
+        nested = state.get(getattr(optimizer, "_FSDP_WRAPPED_QUANT_STATE_KEY", None) or "", None)
+        for holder in [state, *([nested] if isinstance(nested, dict) else [])]:
+            for key, value in holder.items():
+                if (key not in NOT_SLICED and isinstance(value, torch.Tensor) and value.is_floating_point()
+                        and value.dim() == param.dim() and value.shape[dim] == param.shape[dim]):
+                    holder[key] = distribute_tensor(value.to(param.device), param.device_mesh,
+                                                    param.placements, src_data_rank=None)
+    return state_dict
+
+
 @contextmanager
 def plain_errors() -> Iterator[None]:
     """DCP reports a failure on any rank as a ``CheckpointException``, a BaseException holding

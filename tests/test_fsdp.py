@@ -118,11 +118,25 @@ def test_optimizers_that_do_not_shard_are_refused_in_one_line(cli, tmp_path):
     assert cli(*pretrain_args(tmp_path, "baseline", extra=["--parallel", "zero"])).exit_code == 2
 
 
-def test_ddp_checkpoints_do_not_resume_sharded(cli, tmp_path):
-    args = pretrain_args(tmp_path, "baseline", tokens=512)
+@pytest.mark.parametrize("optimizer,extra,rel", [
+    ("galore8bit", [], 1e-3),
+    pytest.param("baseline", [], 1e-5, marks=pytest.mark.slow),
+    pytest.param("lora", [], 1e-5, marks=pytest.mark.slow),
+    pytest.param("galore", ["--per-layer"], 1e-5, marks=pytest.mark.slow),
+])
+def test_a_whole_checkpoint_resumes_on_two_sharded_processes(cli, launch_env, tmp_path, optimizer, extra,
+                                                            rel):
+    """One process without --parallel fsdp writes its checkpoints whole; two sharded processes
+    continue from one, each taking its slices of the model and of the optimizer state (8-bit
+    moments, here the embeddings', quantised again per slice; GaLore's projections whole)."""
+    args = fsdp_args(tmp_path, optimizer, "one", ["--grad-accum", "2", *extra])
     assert cli(*args).exit_code == 0
-    result = cli(*resume_args(args, tmp_path / "run"), "--parallel", "fsdp")
-    assert result.exit_code == 2 and "parallel" in result.output
+    resumed = interrupted_copy(tmp_path / "one", tmp_path / "resumed", step=6)
+    args = [a if a != "2" or args[i - 1] != "--grad-accum" else "1" for i, a in enumerate(args)]
+    result = launch(launch_env, *resume_args(args, resumed), "--nproc", "2", "--parallel", "fsdp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((resumed / "config.json").read_text())["parallel"] == "fsdp"
+    assert_close_losses(resumed, tmp_path / "one", rel=rel)
 
 
 # -- the end-of-run check of a sharded run -----------------------------------------------------

@@ -45,7 +45,8 @@ def with_fp32_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
 def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, Any]:
     """The moments of a checkpoint in the form bitsandbytes keeps for this process's slices: the
     saved 8-bit blocks where the checkpoint has as many processes, else blocks quantised again
-    from the fp32 copy, or fp32 where bitsandbytes keeps a slice this small (``min_8bit_size``)."""
+    from the fp32 copy (or from a whole moment's values, in a checkpoint written whole), or fp32
+    where bitsandbytes keeps a slice this small (``min_8bit_size``)."""
     import bitsandbytes.functional as bnb
 
     maps = {"1": optimizer.name2qmap["dynamic"], "2": optimizer.name2qmap["udynamic"]}
@@ -53,6 +54,16 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
         world = param.device_mesh.size()
         for n in "12":
             copy, scales = state.pop(f"{FP32_COPY}{n}", None), state.get(f"absmax{n}")
+            moment = state.get(f"state{n}")
+            if isinstance(moment, torch.Tensor) and not is_dtensor(moment) and moment.dtype == torch.uint8:
+                # A whole moment (a checkpoint of one process or of DDP): its fp32 values, sliced.
+                from torch.distributed.tensor import distribute_tensor
+
+                values = bnb.dequantize_blockwise(moment.contiguous(), absmax=scales, blocksize=BLOCK,
+                                                  code=state.get(f"qmap{n}", maps[n]))
+                copy = distribute_tensor(values.to(param.device), param.device_mesh, param.placements,
+                                         src_data_rank=None)
+                scales = state.pop(f"absmax{n}")
             if isinstance(scales, DTensor) and scales.shape[0] == world:
                 continue  # the same slices: the saved blocks, bit for bit
             if copy is None and isinstance(scales, DTensor):  # written before the fp32 copies

@@ -80,7 +80,8 @@ def load_whole(run: Any, path: Path, load_tensors: Any) -> None:
     import safetensors.torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    model_state = safetensors.torch.load_file(str(path / "model.safetensors"), device=str(run.device))
+    model_state: dict[str, Any] = safetensors.torch.load_file(str(path / "model.safetensors"),
+                                                              device=str(run.device))
     try:
         set_model_state_dict(run.model, model_state,
                              options=StateDictOptions(full_state_dict=True, strict=False))

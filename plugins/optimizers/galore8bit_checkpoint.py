@@ -59,9 +59,9 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
                 # A whole moment (a checkpoint of one process or of DDP): its fp32 values, sliced.
                 from torch.distributed.tensor import distribute_tensor
 
-                values = bnb.dequantize_blockwise(moment.contiguous(), absmax=scales, blocksize=BLOCK,
-                                                  code=state.get(f"qmap{n}", maps[n]))
-                copy = distribute_tensor(values.to(param.device), param.device_mesh, param.placements,
+                whole = bnb.dequantize_blockwise(moment.contiguous(), absmax=scales, blocksize=BLOCK,
+                                                 code=state.get(f"qmap{n}", maps[n]))
+                copy = distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,
                                          src_data_rank=None)
                 scales = state.pop(f"absmax{n}")
             if isinstance(scales, DTensor) and scales.shape[0] == world:

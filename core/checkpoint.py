@@ -151,8 +151,9 @@ def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int
                      say) -> None:
     current = config.to_json()
     changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
-    if saved_world != world_size and config.parallel == "fsdp":
-        # Sharded checkpoints load into any number of processes; the step must stay the same.
+    if saved_world != world_size:
+        # Checkpoints load into any number of processes (DDP's are whole, FSDP's are sliced by
+        # DCP); the step must keep its size.
         before, after = (c["batch_size"] * c["grad_accum"] * n for c, n in ((saved, saved_world),
                                                                             (current, world_size)))
         if before != after:
@@ -161,13 +162,8 @@ def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int
             raise ConfigError(f"cannot resume: a step of the checkpoint took {before} sequences, with "
                               f"{world_size} process(es) it would take {after}; use {hint}")
         changed = [key for key in changed if key != "grad_accum"]
-    elif saved_world != world_size:
-        changed.append("world_size")
     if changed:
-        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-                            for key in changed if key != "world_size")
-        if "world_size" in changed:
-            details += f"{'; ' if details else ''}world_size: {saved_world} -> {world_size}"
+        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         raise ConfigError(f"cannot resume: the checkpoint was made with other settings ({details})")
     harmless = [key for key in current if key not in MUST_MATCH and key not in ("resume", "output_dir")
                 and saved.get(key) != current.get(key)]

@@ -125,11 +125,17 @@ def test_two_process_run_resumes_bitwise(launch_env, tmp_path, two_process_runs)
 
 
 @pytest.mark.slow
-def test_one_process_cannot_resume_a_two_process_checkpoint(cli, tmp_path, two_process_runs):
+def test_one_process_resumes_a_two_process_checkpoint_with_the_same_step(cli, tmp_path, two_process_runs):
+    """A DDP checkpoint is whole: one process continues it, bit for bit, once a step keeps its
+    size (two micro-batches instead of two processes); with half the step it is refused."""
     folder, _ = two_process_runs("galore")
     resumed = interrupted_copy(folder / "run", tmp_path / "resumed", step=3)
-    result = cli(*resume_args(ddp_args(folder, "galore", "run"), resumed))
-    assert result.exit_code == 2 and "world_size: 2 -> 1" in result.output
+    args = resume_args(ddp_args(folder, "galore", "run"), resumed)
+    refused = cli(*args)
+    assert refused.exit_code == 2 and "use --grad-accum 2" in refused.output
+    result = cli(*args, "--grad-accum", "2")
+    assert result.exit_code == 0, result.output
+    assert_runs_identical(folder / "run", resumed)
 
 
 @pytest.mark.slow

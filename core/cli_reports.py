@@ -101,6 +101,12 @@ def estimate(
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 
+            given = (("--batch_size", batch_size != 1), ("--device-memory", device_memory),
+                     ("--activation-checkpointing", checkpointing))
+            ignored = ", ".join(flag for flag, value in given if value)
+            if ignored:  # the search sets the batch and shows both; a note on stderr, not in the JSON
+                typer.echo(f"note: with --gpu-memory, {ignored} is not used: the batch is searched, with "
+                           "and without checkpointing", err=True)
             plain = estimate_many(get_registry(), model, asked, checkpointing=False, **options)
             recomputed = estimate_many(get_registry(), model, asked, checkpointing=True, **options)
             print_fits(plain, recomputed, cast(int, gpu_memory), as_json=as_json)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.api import Optimizer
-from lowmem.config import CHOICES, REPORTERS, TrainConfig
+from lowmem.config import CHOICES, REPORTERS, TrainConfig, default_of
 from lowmem.errors import ConfigError
 from lowmem.registry import Registry
 
@@ -52,6 +52,8 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
                                "dataset": dataset, "dataset_source": source, "model": model.name}
     if config.test:
         changes.update(test_caps(config, say))
+    if config.bf16_rounding != default_of("bf16_rounding") and config.dtype not in ("bf16-pure", "auto"):
+        say(f"note: --bf16-rounding applies to --dtype bf16-pure; with {config.dtype} it is not used")
     max_length = changes.get("max_length", config.max_length)
     if max_length > model.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model.name!r} allows "

@@ -169,6 +169,19 @@ def test_test_mode_caps_are_in_the_resolved_config(tiny_registry, tmp_path):
     assert config.max_steps == 4 and config.max_length == 128 and config.dataset == "stdlib-topics"
 
 
+def test_options_that_do_not_apply_are_noted(tiny_registry, cli, tmp_path):
+    notes: list[str] = []
+    config = TrainConfig(mode="pretraining", optimizer="baseline", model="tiny-llama", dtype="fp32",
+                         max_length=64, bf16_rounding="stochastic", output_dir=str(tmp_path / "run"))
+    resolve_config(config, tiny_registry, say=notes.append, environ={})
+    assert any("--bf16-rounding applies to --dtype bf16-pure" in note for note in notes)
+    result = cli("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--max-length", "64",
+                 "--gpu-memory", "64MiB", "--batch_size", "4", "--activation-checkpointing", "--json")
+    assert result.exit_code == 0, result.output
+    assert "--batch_size, --activation-checkpointing is not used" in result.stderr
+    assert json.loads(result.stdout)["optimizers"][0]["largest_batch"] >= 1
+
+
 def test_output_dir_that_is_a_file_is_refused_early(cli, captured, tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("x")

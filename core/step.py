@@ -72,6 +72,8 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
         # DDP processes all stepped on the same averaged gradients, FSDP processes on slices.
         copies = 1 if run.config.parallel == "fsdp" else dist.world_size
         grad_norm = (stats[4] / copies).sqrt().to(torch.float32)
+    if run.steps_in_backward:  # its gradients went as it stepped: the most it held at once
+        run.grad_bytes = max(run.grad_bytes, int(getattr(run.optimizer, "peak_gradient_bytes", 0)))
     if not nonfinite_before_backward and not run.steps_in_backward:
         if not run.grad_bytes:
             run.grad_bytes = memory.gradient_bytes(run.model)

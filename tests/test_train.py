@@ -135,6 +135,8 @@ def test_per_layer_galore_with_accumulation(cli, tmp_path):
                                        "--max-grad-norm", "0"]))
     assert result.exit_code == 0, result.output
     assert_loss_falls(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["grad_bytes"] == summary["param_bytes"]  # accumulating: every gradient at once
 
 
 def test_per_layer_refuses_a_given_clip_and_runs_unclipped_by_default(cli, tmp_path):
@@ -158,6 +160,9 @@ def test_the_per_layer_flag_sets_the_optimizers_per_layer_mode(cli, tmp_path):
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["per_layer"] is True and recorded["optimizer_config"]["per_layer"] is True
     assert recorded["applied_max_grad_norm"] == 0.0  # stepped inside backward: not clipped
+    # Its gradients went as it stepped: at most a few held at once, never none and never all.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["grad_bytes"] < summary["param_bytes"]
     refused = cli(*pretrain_args(tmp_path, "baseline", out="refused", extra=["--per-layer"]))
     assert refused.exit_code == 2 and "has no per-layer mode" in refused.output
     assert "Traceback" not in refused.output and not (tmp_path / "refused").exists()

@@ -26,6 +26,11 @@ import torch
 from lowmem.rounding import KAHAN, compensated
 
 
+def gradient_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # an FSDP slice: its part
+    return local.numel() * local.element_size()
+
+
 def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
     """``zero_grad`` for optimizers that update inside backward: the gradients a skipped or
     finished window left behind go, freed or zeroed."""
@@ -80,6 +85,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.micro_batches = [0] * len(params)
         self.norm_squared: torch.Tensor | None = None  # of the gradients stepped on since zero_grad
         self.nonfinite = False  # a gradient of this window was inf/NaN: no weight steps until zero_grad
+        # Bytes of the gradients held at once (this process's slices under FSDP): now, and the
+        # most since construction; under DDP its buckets hold every gradient anyway.
+        self.held_gradient_bytes = 0
+        self.peak_gradient_bytes = 0
         self.hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(index)) for index, p in enumerate(params)
         ]
@@ -88,6 +97,9 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     def _hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
         def after_grad(param: torch.Tensor) -> None:
             self.micro_batches[index] += 1
+            if self.micro_batches[index] == 1 and param.grad is not None:  # a new gradient exists
+                self.held_gradient_bytes += gradient_bytes(param.grad)
+                self.peak_gradient_bytes = max(self.peak_gradient_bytes, self.held_gradient_bytes)
             if self.micro_batches[index] < self.grad_accum:
                 return
             self.micro_batches[index] = 0
@@ -97,6 +109,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
     def _step_one(self, index: int, param: torch.Tensor) -> None:
         grad = param.grad
+        if grad is not None and self.hooks:  # counted by its hook (DDP's buckets are not)
+            self.held_gradient_bytes -= gradient_bytes(grad)
         if grad is not None:
             local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP slice: its part
             square = local.detach().float().pow(2).sum()
@@ -125,6 +139,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
         self.remove_hooks()
         index = {id(p): i for i, p in enumerate(self.parameters_in_order)}
+        self.peak_gradient_bytes = sum(gradient_bytes(p) for p in self.parameters_in_order)  # the buckets
 
         def reduce_then_step(state, bucket):  # no annotations: DDP checks them against its own
             def step_bucket(future: Any) -> Any:
@@ -161,6 +176,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.micro_batches = [0] * len(self.micro_batches)
         self.norm_squared = None
         self.nonfinite = False
+        self.held_gradient_bytes = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "inner_optimizers"):

@@ -155,6 +155,7 @@ def _galore_worker(rank: int, init_file: str, outcome: str) -> None:
     difference = max((gathered[n] - p).abs().max().item() for n, p in whole.named_parameters())
     found = {"dims": dims, "counts": counts, "difference": difference}
     Path(f"{outcome}.{rank}").write_text(json.dumps(found))
+    dist.barrier()  # gloo aborts a rank whose peer tears its connections down early
     dist.destroy_process_group()
 
 

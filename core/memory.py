@@ -84,7 +84,17 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process. On Linux its memory's own high-water mark
+    (VmHWM): getrusage's ru_maxrss keeps, across exec, the peak of the process it was started
+    from, so a run launched from a large parent reported that parent's size. Elsewhere ru_maxrss
+    (macOS reports bytes)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

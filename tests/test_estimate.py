@@ -174,6 +174,18 @@ def test_estimated_peak_is_close_to_measured_rss_growth(name):
     assert 0.75 <= ratio <= 1.25, {**figures, "ratio": ratio}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss across exec is Linux's")
+def test_a_process_peak_is_its_own_not_its_parents():
+    """ru_maxrss survives exec, so a run started by a large process used to report that
+    process's size as its own peak; the peak is now this process's memory's own."""
+    large = bytearray(400 * 2**20)
+    large[::4096] = b"x" * len(large[::4096])  # touched: resident
+    code = "from lowmem import memory; print(memory.peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert memory.peak_rss_bytes() > 400 * 2**20 > int(child.stdout) > 0
+    del large
+
+
 def test_llama_7b_on_meta_device_against_the_galore_paper(tiny_registry):
     import time
 

@@ -1,8 +1,8 @@
 """Helpers shared by the benchmark sections: machine description, medians, subprocess workers.
 
-Each measured training run happens in its own subprocess so that its peak RSS (ru_maxrss, which
-only ever grows) belongs to that run alone, and runs of A and B alternate A B A B so that load
-from other processes on the machine hits both alike.
+Each measured training run happens in its own subprocess so that its peak RSS (its memory's
+high-water mark, which only ever grows) belongs to that run alone, and runs of A and B alternate
+A B A B so that load from other processes on the machine hits both alike.
 """
 
 from __future__ import annotations

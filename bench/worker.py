@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
 import statistics
 import sys
 import tempfile
@@ -62,7 +61,9 @@ def registry():
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from lowmem.memory import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def lowmem_run(spec: dict) -> dict:

@@ -18,7 +18,7 @@ from lowmem.cli_options import (
     size,
     with_parameters,
 )
-from lowmem.config import BF16_ROUNDINGS, DEVICES, DTYPES, MODES, PARALLEL
+from lowmem.config import BF16_ROUNDINGS, DEVICES, DTYPES, MODES, PARALLEL, default_of
 from lowmem.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -48,7 +48,8 @@ def estimate(
     all_optimizers: Annotated[bool, Opt("--all", help="Every registered optimizer side by side")] = False,
     mode: Annotated[str, Opt("--mode", callback=choice(MODES))] = "pretraining",
     batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=positive_int)] = 1,
-    max_length: Annotated[int, Opt("--max_length", "--max-length", callback=positive_int)] = 256,
+    max_length: Annotated[int, Opt("--max_length", "--max-length", callback=positive_int,
+                                   help="Tokens per sequence (train's default)")] = default_of("max_length"),
     dtype: Annotated[str, Opt("--dtype", callback=choice(DTYPES))] = "bf16",
     per_layer: Annotated[bool, Opt("--per-layer", "--per_layer",
                                    help="Per-layer mode (optimizers with a 'per_layer' setting)")] = False,

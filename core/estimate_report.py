@@ -128,6 +128,13 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
     results_console().print(table)
     results_console().print("* estimates include weights, gradients, optimizer states, activations and a 10% "
                             "allowance; 0 = not even batch 1", markup=False, highlight=False)
+    if rows and not any(row.get("largest_batch_checkpointing") for row in rows) and first is not None:
+        hints = [hint for hint, applies in (
+            ("--dtype bf16-pure (bf16 weights, no fp32 master copy)", first.settings["dtype"] != "bf16-pure"),
+            ("--per-layer (one gradient at a time)", not first.per_layer)) if applies]
+        if hints:
+            results_console().print(f"* nothing fits even at batch 1; try {' or '.join(hints)}",
+                                    markup=False, highlight=False)
 
 
 def _batch(value: object) -> str:

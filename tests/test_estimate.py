@@ -281,6 +281,7 @@ def test_gpu_memory_marks_what_cannot_fit_and_refuses_bad_sizes(cli):
     assert row["fits_at_batch_1"] is row["fits_at_batch_1_checkpointing"] is False
     table = cli(*args, "--gpu-memory", "1KiB")
     assert "cannot fit" in table.output
+    assert "nothing fits even at batch 1; try --dtype bf16-pure" in " ".join(table.output.split())
     bad = cli("estimate", "--model", "tiny-llama", "--gpu-memory", "lots")
     assert bad.exit_code == 2 and "not a size" in bad.output and "Traceback" not in bad.output
 

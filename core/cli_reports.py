@@ -48,8 +48,9 @@ def estimate(
     all_optimizers: Annotated[bool, Opt("--all", help="Every registered optimizer side by side")] = False,
     mode: Annotated[str, Opt("--mode", callback=choice(MODES))] = "pretraining",
     batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=positive_int)] = 1,
-    max_length: Annotated[int, Opt("--max_length", "--max-length", callback=positive_int,
-                                   help="Tokens per sequence (train's default)")] = default_of("max_length"),
+    max_length: Annotated[int | None, Opt("--max_length", "--max-length", callback=positive_int, help=(
+        f"Tokens per sequence (default: train's, {default_of('max_length')}, or the model's context "
+        "where that is shorter)"))] = None,
     dtype: Annotated[str, Opt("--dtype", callback=choice(DTYPES))] = "bf16",
     per_layer: Annotated[bool, Opt("--per-layer", "--per_layer",
                                    help="Per-layer mode (optimizers with a 'per_layer' setting)")] = False,

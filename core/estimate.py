@@ -191,17 +191,21 @@ def estimate(
 
 
 def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, *, mode: str, batch_size: int,
-                  max_length: int, dtype: str, per_layer: bool, grad_accum: int,
+                  max_length: int | None, dtype: str, per_layer: bool, grad_accum: int,
                   optimizer_config_file: Any = None, checkpointing: bool = False,
                   lean_loss: bool = False, world_size: int = 1,
                   parallel: str = "ddp", bf16_rounding: str = "kahan",
                   device: str = "cuda") -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, a list of them, or (``optimizer`` None) every registered
     one; among several, an optimizer that cannot apply (no per-layer mode, say) maps to its
-    reason instead of a Breakdown. Unknown names are errors."""
+    reason instead of a Breakdown. Unknown names are errors. ``max_length`` None: train's
+    default, or the model's whole context where that is shorter."""
+    from lowmem.config import default_of
     from lowmem.resolve import merge_layers, read_config_file
 
     model_plugin = registry.model_for(model)
+    if max_length is None:
+        max_length = min(default_of("max_length"), model_plugin.max_positions)
     if max_length > model_plugin.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows "
                           f"({model_plugin.max_positions} positions)")

@@ -186,7 +186,7 @@ def load(run, path: Path, dist, say) -> TrainState:
     if run.config.parallel == "fsdp" and meta["config"].get("parallel") == "fsdp":
         sharded.load_shards(run, path)
     elif run.config.parallel == "fsdp":  # written whole: sliced here
-        sharded.load_whole(run, path, files.load_tensors)
+        sharded.load_whole(run, path)
     else:
         missing, unexpected = safetensors.torch.load_model(
             run.model, str(path / "model.safetensors"), strict=False, device=str(run.device))

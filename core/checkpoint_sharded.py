@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem.errors import CheckpointError
-from lowmem.sharding import is_sharded
+from lowmem.sharding import is_sharded, sliced_like
 from lowmem.text import first_line
 
 SHARDS = "shards"
@@ -73,12 +73,14 @@ def load_shards(run: Any, path: Path) -> None:
     run.optimizer.load_state_dict(rebuild(skeleton, state["optimizer"]))
 
 
-def load_whole(run: Any, path: Path, load_tensors: Any) -> None:
+def load_whole(run: Any, path: Path) -> None:
     """Every process: its slices of a checkpoint written whole (by one process, or by DDP): the
     model's tensors and the optimizer's state sliced as this run's parameters are
     (``whole_to_slices``), so a run can move from one process to several sharded ones."""
     import safetensors.torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from lowmem.checkpoint_files import load_tensors
 
     model_state: dict[str, Any] = safetensors.torch.load_file(str(path / "model.safetensors"),
                                                               device=str(run.device))
@@ -117,7 +119,6 @@ def whole_to_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, Any
     DTensor sliced like it. Scalars, projection matrices and 8-bit blocks stay as they are: the
     optimizer's own ``load_state_dict`` re-slices what needs more (8-bit GaLore re-quantises)."""
     import torch
-    from torch.distributed.tensor import distribute_tensor
 
     inner = getattr(optimizer, "inner_optimizers", None)
     if "per_layer" in state_dict and inner is not None:
@@ -135,8 +136,7 @@ def whole_to_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, Any
             for key, value in holder.items():
                 if (key not in NOT_SLICED and isinstance(value, torch.Tensor) and value.is_floating_point()
                         and value.dim() == param.dim() and value.shape[dim] == param.shape[dim]):
-                    holder[key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                    param.placements, src_data_rank=None)
+                    holder[key] = sliced_like(value, param)
     return state_dict
 
 

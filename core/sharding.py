@@ -29,6 +29,14 @@ def is_sharded(tensor: Any) -> bool:
     return callable(getattr(tensor, "to_local", None))
 
 
+def sliced_like(whole: Any, param: Any) -> Any:
+    """``whole`` (the same on every process) as a DTensor sliced as ``param`` is: each process
+    keeps its own slice, with no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
 def mixed_precision(dtype: str) -> Any:
     """FSDP2's policy for a resolved ``--dtype``: compute in the 16-bit format (the autocast
     formats gather their fp32 weights as 16 bits), reduce gradients in fp32."""

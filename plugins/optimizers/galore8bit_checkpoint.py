@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 import lowmem
 from lowmem.plugins.optimizers.galore_sharded import BLOCK, is_dtensor, to_dtensor, to_local
+from lowmem.sharding import sliced_like
 
 FP32_COPY = "lowmem_fp32_state"  # + "1" or "2": a checkpoint's fp32 copy of an 8-bit moment
 
@@ -57,12 +58,9 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
             moment = state.get(f"state{n}")
             if isinstance(moment, torch.Tensor) and not is_dtensor(moment) and moment.dtype == torch.uint8:
                 # A whole moment (a checkpoint of one process or of DDP): its fp32 values, sliced.
-                from torch.distributed.tensor import distribute_tensor
-
                 whole = bnb.dequantize_blockwise(moment.contiguous(), absmax=scales, blocksize=BLOCK,
                                                  code=state.get(f"qmap{n}", maps[n]))
-                copy = distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,
-                                         src_data_rank=None)
+                copy = sliced_like(whole, param)
                 scales = state.pop(f"absmax{n}")
             if isinstance(scales, DTensor) and scales.shape[0] == world:
                 continue  # the same slices: the saved blocks, bit for bit

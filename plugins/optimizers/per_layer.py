@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from lowmem.rounding import KAHAN, compensated
+from lowmem.sharding import local
 
 
 def gradient_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # an FSDP slice: its part
-    return local.numel() * local.element_size()
+    part = local(tensor)  # an FSDP slice: this process's part
+    return part.numel() * part.element_size()
 
 
 def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
@@ -109,11 +110,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
     def _step_one(self, index: int, param: torch.Tensor) -> None:
         grad = param.grad
-        if grad is not None and self.hooks:  # counted by its hook (DDP's buckets are not)
-            self.held_gradient_bytes -= gradient_bytes(grad)
         if grad is not None:
-            local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP slice: its part
-            square = local.detach().float().pow(2).sum()
+            if self.hooks:  # counted by its hook (DDP's buckets are not)
+                self.held_gradient_bytes -= gradient_bytes(grad)
+            square = local(grad).detach().float().pow(2).sum()  # of this process's slice under FSDP
             self.norm_squared = square if self.norm_squared is None else self.norm_squared + square
             if self.nonfinite or not is_finite(square, grad):
                 # The non-finite check a normal step makes on the global norm, made weight by

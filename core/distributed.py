@@ -189,14 +189,20 @@ class DistContext:
     def close(self, completed: bool = False) -> None:
         """Leave the process group. After a completed run every process waits for the others
         first: gloo aborts a process (SIGABRT) whose peer tears its connections down while it
-        still holds them."""
+        still holds them. The finished run's model, DDP wrapper and FSDP state hold the group
+        too, in reference cycles; collected here, while the interpreter is whole, and not at its
+        shutdown, where a gloo group freed last has aborted a process that had finished."""
         if self.active or self.owns_group:
+            import gc
+
             import torch.distributed as dist
 
             if dist.is_initialized():
+                gc.collect()
                 if completed and self.active:
                     dist.barrier()
                 dist.destroy_process_group()
+                gc.collect()
 
 
 def _accelerate_single_process_ask(environ: dict[str, str]) -> int:

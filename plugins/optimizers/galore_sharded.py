@@ -177,7 +177,8 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Within: every DTensor parameter of ``optimizer`` is replaced in its group by its local
     slice (a view: updates land in the parameter), with the local gradient and the local views
     of its state; projected weights get sharded projectors. After: state created inside is
-    stored back as DTensors sliced like the parameter (or, replicated, as it is)."""
+    stored back as DTensors sliced like the parameter (or, replicated, as it is), in the
+    parameter's state dict itself."""
     swaps = []
     for group in optimizer.param_groups:
         for index, param in enumerate(group["params"]):
@@ -197,8 +198,11 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         for group, index, param, local in swaps:
             group["params"][index] = param
             state = optimizer.state.pop(local)
-            optimizer.state[param] = {key: to_dtensor(key, value, param, state)
-                                      for key, value in state.items()}
+            # Into the parameter's own dict, not a new one: the per-layer wrapper exposes these
+            # dicts as its state (and tools measure that), so they must stay the same objects.
+            kept = optimizer.state[param]
+            kept.clear()
+            kept.update({key: to_dtensor(key, value, param, state) for key, value in state.items()})
             local.grad = None
 
 

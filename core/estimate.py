@@ -151,7 +151,10 @@ def estimate(
     trainable = [p for p in parameters if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in parameters)
     gradient_sizes = [p.numel() * p.element_size() for p in trainable]
-    gradients = max(gradient_sizes, default=0) if per_layer else sum(gradient_sizes)
+    # Per-layer updates free each gradient as soon as its weight steps, unless it must be kept:
+    # accumulating over micro-batches holds every gradient, and so do DDP's buckets.
+    one_at_a_time = per_layer and grad_accum == 1 and (world_size == 1 or parallel == "fsdp")
+    gradients = max(gradient_sizes, default=0) if one_at_a_time else sum(gradient_sizes)
     state = optimizer_plugin.state_bytes(model, settings)
     notes = []
     state_source = "plugin"

@@ -295,3 +295,25 @@ def test_checkpointing_and_lean_loss_shrink_the_activation_estimate(tiny_registr
     both = estimate_many(tiny_registry, "tiny-llama", "baseline", checkpointing=True, lean_loss=True,
                          **options)["baseline"]
     assert both.activations < plain.activations and both.weights == plain.weights
+
+
+def test_per_layer_gradients_are_all_held_while_accumulating(cli, tmp_path):
+    """Per-layer updates free each gradient once its weight steps, but a gradient that must sum
+    two micro-batches (or sit in DDP's buckets) is held: the estimate counts what the run held."""
+    out = tmp_path / "run"
+    run = cli("train", "--mode", "pretraining", "--optimizer", "galore", "--model", "tiny-llama", "--per-layer",
+              "--grad-accum", "2", "--batch_size", "2", "--max_length", "32", "--dtype", "fp32",
+              "--max-steps", "2", "--output-dir", str(out))
+    assert run.exit_code == 0, run.output
+    held = json.loads((out / "summary.json").read_text())["grad_bytes"]
+
+    def gradients(*extra: str) -> int:
+        result = cli("estimate", "--json", "--model", "tiny-llama", "--optimizer", "galore", "--per-layer",
+                     "--dtype", "fp32", "--max_length", "32", *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["galore"]["gradients"]
+
+    assert gradients("--grad-accum", "2") == held
+    assert gradients("--nproc", "2") == held  # DDP: its buckets hold every gradient
+    assert gradients("--nproc", "2", "--parallel", "fsdp", "--grad-accum", "2") == held // 2
+    assert gradients() < held / 2  # the largest one (the embedding table here)

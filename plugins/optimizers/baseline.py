@@ -46,10 +46,15 @@ def adamw_state_bytes(model: Any) -> int:
     """torch AdamW's state: exp_avg and exp_avg_sq shaped and typed like each parameter, plus a
     0-dim ``step`` tensor per parameter (float32, or float64 when that is torch's default
     dtype; see torch.optim.adam._get_scalar_dtype)."""
+    return sum(2 * p.numel() * p.element_size() for p in trainable_parameters(model)) + adamw_step_bytes(model)
+
+
+def adamw_step_bytes(model: Any) -> int:
+    """The ``step`` tensors: 0-dim, so every FSDP process holds each one whole."""
     import torch
 
     step_bytes = 8 if torch.get_default_dtype() == torch.float64 else 4
-    return sum(2 * p.numel() * p.element_size() + step_bytes for p in trainable_parameters(model))
+    return step_bytes * sum(1 for _ in trainable_parameters(model))
 
 
 class Baseline(lowmem.Optimizer):
@@ -63,3 +68,6 @@ class Baseline(lowmem.Optimizer):
 
     def state_bytes(self, model, settings):
         return adamw_state_bytes(model)
+
+    def replicated_state_bytes(self, model, settings):
+        return adamw_step_bytes(model)

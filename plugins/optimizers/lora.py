@@ -19,7 +19,7 @@ from typing import Any
 
 import lowmem
 from lowmem.plugins.optimizers import plugin_config
-from lowmem.plugins.optimizers.baseline import adamw_state_bytes, build_adamw
+from lowmem.plugins.optimizers.baseline import adamw_state_bytes, adamw_step_bytes, build_adamw
 
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 8,
@@ -124,6 +124,9 @@ class LoRA(lowmem.Optimizer):
 
     def state_bytes(self, model, settings):
         return adamw_state_bytes(model)
+
+    def replicated_state_bytes(self, model, settings):
+        return adamw_step_bytes(model)
 
     def save_model(self, model, directory):
         save_lora_model(model, directory)

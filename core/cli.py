@@ -57,7 +57,7 @@ def train(**options: Any) -> None:
     config = config_from_options(options)
     with exit_on_error():
         if nproc > 1:
-            from lowmem.distributed import launch_torchrun
+            from lowmem.launch import launch_torchrun
             from lowmem.resolve import resolve_config
 
             # Bad input is found here, once, before any process starts.

@@ -8,13 +8,12 @@ answers the few questions the loop asks (who am I, do all ranks agree, sum this)
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowmem.errors import ConfigError, ExitCode, ReplicaMismatch
+from lowmem.errors import ConfigError, ReplicaMismatch
 
 # Set by mpirun (Open MPI, MPICH/Intel MPI, MVAPICH) in each process it starts.
 MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -77,6 +76,9 @@ class DistContext:
         backend = "nccl" if want_cuda and torch.cuda.is_available() else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
+        from lowmem.launch import stop_without_launcher
+
+        stop_without_launcher(environ)
         return cls(dist.get_rank(), dist.get_world_size(), int(environ.get("LOCAL_RANK", "0")), backend)
 
     # -- what the loop asks -----------------------------------------------------------------
@@ -246,48 +248,3 @@ def _option(argv: list[str], name: str) -> str | None:
         if key in spellings:
             found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
     return found
-
-
-# Exit codes after which the worker has already said why (plugin fault or Python traceback, bad
-# input, non-finite, signals): passed through as they are. Anything else is named by rank.
-_OWN_EXIT_CODES = set(ExitCode) - {ExitCode.OK}
-
-
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """``lowmem train --nproc N ...`` re-runs itself under torchrun (the engine's launcher),
-    in-process so that the workers' exit code comes back instead of torchrun's generic 1 and
-    its failure report: a refused config is then one line and exit 2, as on one process."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    args: list[str] = []
-    rest = iter(argv[1:])
-    for arg in rest:
-        if arg == "--nproc":
-            next(rest, None)  # drop its value too
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    launch = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", "lowmem", *args])
-    # The workers inherit this process's environment; the count lets them refuse a mismatch.
-    os.environ["LOWMEM_EXPECTED_WORLD_SIZE"] = str(nproc)
-    # The agent logs every worker exit and the SIGTERMs it sends to the others; the workers
-    # print their own errors, and a crash is summarised below.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        run(launch)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        if code < 0:
-            print(f"error: the process of rank {rank} was killed by signal {-code}", file=sys.stderr)
-            return 128 - code
-        if code not in _OWN_EXIT_CODES:
-            print(f"error: the process of rank {rank} exited with code {code}", file=sys.stderr)
-        return code
-    except SignalException as exc:  # this launcher was stopped; the workers got the signal too
-        return 128 + int(exc.sigval)
-    return 0

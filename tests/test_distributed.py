@@ -224,3 +224,54 @@ def test_replica_check_catches_one_ulp(tmp_path):
     for rank in (0, 1):
         message = Path(f"{outcome}.{rank}").read_text()
         assert "parameters differ between ranks" in message and "bias" in message and "weight" not in message
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; whoever adopted it may not reap it at once
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_workers_stop_when_their_launcher_is_killed(launch_env, tmp_path):
+    """torchrun starts each worker in a session of its own, so a SIGKILL of `lowmem train --nproc 2`
+    reaches neither: they notice their launcher gone and stop as a SIGTERM would stop them (after
+    the step, with a checkpoint), instead of training on into the run folder."""
+    import sys
+    import time
+
+    args = pretrain_args(tmp_path, "baseline", tokens=10**7, extra=["--save-every", "100000"])
+    log = (tmp_path / "launcher.log").open("w")
+    launcher = subprocess.Popen([sys.executable, "-m", "lowmem", *args, "--nproc", "2"], env=launch_env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+        time.sleep(0.2)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 90
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    output = (tmp_path / "launcher.log").read_text()
+    assert not any(map(_running, workers)), output
+    assert output.count("the launcher is gone") == 2
+    saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and not (tmp_path / "run" / "summary.json").exists()

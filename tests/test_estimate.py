@@ -301,9 +301,9 @@ def test_per_layer_gradients_are_all_held_while_accumulating(cli, tmp_path):
     """Per-layer updates free each gradient once its weight steps, but a gradient that must sum
     two micro-batches (or sit in DDP's buckets) is held: the estimate counts what the run held."""
     out = tmp_path / "run"
-    run = cli("train", "--mode", "pretraining", "--optimizer", "galore", "--model", "tiny-llama", "--per-layer",
-              "--grad-accum", "2", "--batch_size", "2", "--max_length", "32", "--dtype", "fp32",
-              "--max-steps", "2", "--output-dir", str(out))
+    run = cli("train", "--mode", "pretraining", "--optimizer", "galore", "--model", "tiny-llama",
+              "--per-layer", "--grad-accum", "2", "--batch_size", "2", "--max_length", "32",
+              "--dtype", "fp32", "--max-steps", "2", "--output-dir", str(out))
     assert run.exit_code == 0, run.output
     held = json.loads((out / "summary.json").read_text())["grad_bytes"]
 

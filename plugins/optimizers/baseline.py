@@ -46,7 +46,8 @@ def adamw_state_bytes(model: Any) -> int:
     """torch AdamW's state: exp_avg and exp_avg_sq shaped and typed like each parameter, plus a
     0-dim ``step`` tensor per parameter (float32, or float64 when that is torch's default
     dtype; see torch.optim.adam._get_scalar_dtype)."""
-    return sum(2 * p.numel() * p.element_size() for p in trainable_parameters(model)) + adamw_step_bytes(model)
+    moments = sum(2 * p.numel() * p.element_size() for p in trainable_parameters(model))
+    return moments + adamw_step_bytes(model)
 
 
 def adamw_step_bytes(model: Any) -> int:

@@ -68,7 +68,7 @@ def _packed_batch(spec: DataSpec, tokens: list[int], epoch: int, index: int) -> 
     attention_mask[: len(tokens)] = 1
     input_ids, attention_mask = input_ids.view(rows, length), attention_mask.view(rows, length)
     if spec.objective == MASKED_LM:
-        generator = torch.Generator().manual_seed(_mask_seed(spec.seed, epoch, index))
+        generator = torch.Generator().manual_seed(batch_seed("mask", spec.seed, epoch, index))
         input_ids, labels = mask_tokens(input_ids, attention_mask, spec.tokenizer, generator)
     else:
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
@@ -84,8 +84,10 @@ def _packed_batch(spec: DataSpec, tokens: list[int], epoch: int, index: int) -> 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _mask_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"mask:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+def batch_seed(purpose: str, seed: int, epoch: int, index: int) -> int:
+    """The seed of global batch ``index`` of ``epoch`` for ``purpose`` ("mask", "dropout"): the
+    batch's own, whichever process or micro-batch slot takes it."""
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # manual_seed takes at most 64 bits
 
 

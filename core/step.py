@@ -9,6 +9,8 @@ on the device until the loop writes a log row.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +47,10 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
     nonfinite_before_backward = False
     for i, batch in enumerate(group):
         tokens += count_tokens(batch)  # counted on the host copy: no device read
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        seed = batch.get("lowmem_seed")
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "lowmem_seed"}
         # DDP all-reduces gradients only on the group's last backward.
-        with dist.no_sync(run.train_model, sync=i == accum - 1):
+        with dist.no_sync(run.train_model, sync=i == accum - 1), batch_random_stream(seed, device):
             loss = forward_loss(run, batch)
             # An optimizer that updates inside backward must never see a non-finite loss, so it
             # is checked first: one host read per micro-batch, for such optimizers only.
@@ -105,6 +108,21 @@ def take_step(run: Run, group: list[dict[str, Any]], dist: DistContext, stop_req
     if not (run.scaler.is_enabled() and run.scaler.get_scale() < scale_before):
         run.scheduler.step()
     return StepResult(mean_loss, int(step_tokens), grad_norm, lr, None, bool(stop))
+
+
+@contextmanager
+def batch_random_stream(seed: Any, device: Any) -> Iterator[None]:
+    """Within: random draws (dropout, and its replay by activation checkpointing) come from the
+    batch's own seed (a host tensor, or None for the run's stream); the run's stream is left as
+    it was, so what draws from it outside (optimizers) stays the same on every process."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def forward_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:

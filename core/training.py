@@ -211,11 +211,24 @@ class Batches:
                         f"of {self.job.config.batch_size} on each of {self.world_size} process(es)")
                 self.next_epoch()
                 return None
+            batch["lowmem_seed"] = self.seed_of_next_batch()
             self.state.batch_in_epoch += self.world_size
             group.append(batch)
         if trim_to is not None:
-            group = [{k: v[:trim_to] for k, v in batch.items()} for batch in group]
+            group = [{k: v[:trim_to] if v.dim() else v for k, v in batch.items()} for batch in group]
         return group
+
+    def seed_of_next_batch(self) -> Any:
+        """The seed of dropout in the batch just taken, from its global index: the same on
+        whichever process and in whichever micro-batch it runs, so N processes draw the masks
+        one process accumulating N micro-batches draws, and no two processes draw the same."""
+        import torch
+
+        from lowmem.batching import batch_seed
+
+        data = self.job.data
+        index = self.state.batch_in_epoch + data.rank  # global batch i is rank i % world_size's
+        return torch.tensor(batch_seed("dropout", data.seed, self.state.epoch, index))
 
 
 def finished(job: Run, state: TrainState) -> bool:

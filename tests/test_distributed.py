@@ -34,13 +34,10 @@ TOKENS = 2560  # 10 full steps of 2 x 4 x 32 tokens: no partial last step to com
 
 
 def ddp_args(tmp_path: Path, optimizer: str, out: str, extra=()) -> list[str]:
-    # No LoRA dropout: every rank starts from the same seed, so both ranks draw the masks the
-    # first micro-batch of an accumulating process draws, never the second one's.
-    lora = tmp_path / "lora.json"
-    lora.write_text(json.dumps({"lora_dropout": 0.0}))
+    # LoRA keeps its dropout (0.05): each batch draws its masks from its own seed, so a batch
+    # draws the same masks on rank 1 as in the second micro-batch of an accumulating process.
     return pretrain_args(tmp_path, optimizer, out=out, tokens=TOKENS,
-                         extra=["--lora_config", str(lora), "--save-every", "3", "--keep-checkpoints", "10",
-                                *extra])
+                         extra=["--save-every", "3", "--keep-checkpoints", "10", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +95,15 @@ def test_two_processes_equal_one_with_accumulation(cli, tmp_path, two_process_ru
     steps = [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "loss" in row]
     assert steps == list(range(1, 11))  # one writer: no row twice
-    assert sorted(p.name for p in folder.iterdir()) == ["galore.json", "lora.json", "run"]
+    assert sorted(p.name for p in folder.iterdir()) == ["galore.json", "run"]
 
     accumulated = cli(*ddp_args(tmp_path, optimizer, "accum",
                                 extra=["--batch_size", "4", "--grad-accum", "2"]))
     assert accumulated.exit_code == 0, accumulated.output
     assert_runs_identical(run, tmp_path / "accum")
 
+    if "lora" in optimizer:
+        return  # LoRA's dropout: one batch of 8 draws other masks than two batches of 4
     wide = cli(*ddp_args(tmp_path, optimizer, "wide", extra=["--batch_size", "8"]))
     assert wide.exit_code == 0, wide.output
     assert train_losses(tmp_path / "wide") == pytest.approx(train_losses(run), rel=1e-4)
@@ -255,13 +254,14 @@ def test_workers_stop_when_their_launcher_is_killed(launch_env, tmp_path):
     import time
 
     args = pretrain_args(tmp_path, "baseline", tokens=10**7, extra=["--save-every", "100000"])
-    log = (tmp_path / "launcher.log").open("w")
+    log_file = tmp_path / "launcher.log"
+    log = log_file.open("w")
     launcher = subprocess.Popen([sys.executable, "-m", "lowmem", *args, "--nproc", "2"], env=launch_env,
                                 stdout=log, stderr=subprocess.STDOUT)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
+        assert launcher.poll() is None and time.monotonic() < deadline, log_file.read_text()[-2000:]
         time.sleep(0.2)
     workers = _children(launcher.pid)
     assert len(workers) == 2
@@ -270,7 +270,7 @@ def test_workers_stop_when_their_launcher_is_killed(launch_env, tmp_path):
     deadline = time.monotonic() + 90
     while any(map(_running, workers)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    output = (tmp_path / "launcher.log").read_text()
+    output = log_file.read_text()
     assert not any(map(_running, workers)), output
     assert output.count("the launcher is gone") == 2
     saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))

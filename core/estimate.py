@@ -143,7 +143,7 @@ def estimate(
     ))
     settings = OptimizerSettings(
         lr=1e-3, config=config, target_modules=choose_targets(model, "", model_plugin), objective=objective,
-        grad_accum=grad_accum, max_grad_norm=0.0,
+        grad_accum=grad_accum, max_grad_norm=0.0, world_size=world_size, parallel=parallel,
     )
     model = optimizer_plugin.prepare_model(cast_weights(model, dtype), settings)
 

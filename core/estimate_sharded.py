@@ -27,6 +27,7 @@ def per_process(breakdown: Any, model: Any, optimizer_plugin: Any, settings: Any
 
     if not optimizer_plugin.shards:
         raise ConfigError(f"optimizer {optimizer_plugin.name!r} does not support --parallel fsdp")
+    optimizer_plugin.shard_dims(model, settings)  # refuses what a run would (a split that cannot be even)
 
     def split(value: int) -> int:
         return -(-value // world_size)

@@ -45,6 +45,10 @@ def test_optimizers_that_do_not_shard_have_no_sharded_estimate(cli):
     assert every.exit_code == 0, every.output
     found = json.loads(every.output)
     assert "does not support" in str(found["adafactor"]) and "weights" in found["galore"]
+    # A split a run would refuse is refused here too: llama_60m's down_proj has 1376 columns.
+    uneven = cli("estimate", "--model", "llama_60m", "--optimizer", "galore", "--parallel", "fsdp",
+                 "--nproc", "3")
+    assert uneven.exit_code == 2 and "1376 columns to divide among 3 processes" in uneven.output
 
 
 @pytest.mark.parametrize("optimizer", ["baseline", "lora"])

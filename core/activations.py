@@ -28,6 +28,16 @@ ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float]] = {
 # unit), counted the same way as ACTIVATION_COEFFICIENTS.
 FROZEN_BODY_SAVINGS: dict[str, tuple[float, float]] = {"llama": (18, 2), "gpt2": (14, 0), "roberta": (10, 2)}
 FALLBACK_FAMILY = "gpt2"  # the largest coefficients: unknown architectures are not underestimated
+# Architectures whose blocks save exactly LLaMA's tensors (counted the same way at equal sizes).
+SAME_ACTIVATIONS_AS = {"mistral": "llama", "qwen2": "llama"}
+
+
+def activation_family(config: Any) -> str | None:
+    """The family whose coefficients apply to ``config``'s architecture; None: none measured
+    (``FALLBACK_FAMILY``'s are used)."""
+    family = getattr(config, "model_type", "") or ""
+    family = SAME_ACTIVATIONS_AS.get(family, family)
+    return family if family in ACTIVATION_COEFFICIENTS else None
 ACTIVATION_FORMULA = (
     "activations per layer and token (16-bit autocast): LLaMA 34h + 8i + 4a + 8 bytes; "
     "GPT-2 70h + 12as + 16; RoBERTa 34h + 4i + 12as + 16 (h hidden, i intermediate, a heads, "
@@ -128,8 +138,9 @@ def activation_bytes(config: Any, batch_size: int, max_length: int, dtype: str, 
     """
     if config is None:
         return 0
-    family = getattr(config, "model_type", "") or ""
-    c_h, c_i, c_a, constant = ACTIVATION_COEFFICIENTS.get(family, ACTIVATION_COEFFICIENTS[FALLBACK_FAMILY])
+    known = activation_family(config)
+    family = known or FALLBACK_FAMILY
+    c_h, c_i, c_a, constant = ACTIVATION_COEFFICIENTS[family]
     hidden = _config_value(config, "hidden_size", "n_embd")
     layers = _config_value(config, "num_hidden_layers", "n_layer")
     heads = _config_value(config, "num_attention_heads", "n_head")
@@ -139,7 +150,7 @@ def activation_bytes(config: Any, batch_size: int, max_length: int, dtype: str, 
     if family == "llama":
         per_token_layer += 4 * heads
     if adapters.body_frozen:
-        s_h, s_i = FROZEN_BODY_SAVINGS.get(family, (0, 0))  # unknown architectures: no saving assumed
+        s_h, s_i = FROZEN_BODY_SAVINGS[family] if known else (0, 0)  # unknown: no saving assumed
         per_token_layer -= s_h * hidden + s_i * intermediate
     adapted = sum(adapter_layer_bytes(*layer, dtype, device) for layer in adapters.layers)
     retained = 0

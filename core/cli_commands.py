@@ -68,6 +68,6 @@ def exit_on_error() -> Iterator[None]:
     except LowmemError as exc:
         if os.environ.get("RANK", "0") == "0":
             prefix = "" if exc.exit_code >= 128 else "error: "
-            suffix = " (the last checkpoint is intact)" if isinstance(exc, PluginFault) else ""
+            suffix = " (checkpoints already saved are intact)" if isinstance(exc, PluginFault) else ""
             typer.echo(f"{prefix}{exc}{suffix}", err=True)
         raise typer.Exit(int(exit_code_of(exc))) from None

@@ -26,7 +26,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowmem.activations import NO_ADAPTERS, Adapters, activation_bytes, find_adapters
+from lowmem.activations import (
+    FALLBACK_FAMILY,
+    NO_ADAPTERS,
+    Adapters,
+    activation_bytes,
+    activation_family,
+    find_adapters,
+)
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
 from lowmem.modeling import choose_targets
@@ -137,6 +144,7 @@ def estimate(
         config["per_layer"] = True
     optimizer_plugin.check_config(config)
     per_layer = bool(config.get("per_layer", False))
+    check_combination(dtype, per_layer, parallel, bf16_rounding)
     model = model_plugin.build(ModelRequest(
         objective=objective, vocab_size=model_plugin.vocab_size,
         num_labels=2 if objective == CLASSIFICATION else 0, device="meta",
@@ -169,8 +177,17 @@ def estimate(
                      "small updates in bf16-pure")
     copies = autocast_weight_copy_bytes(model, dtype)
     adapters = find_adapters(model)
-    activations = activation_bytes(model.config if hasattr(model, "config") else None, batch_size,
-                                   max_length, dtype, objective, checkpointing, lean_loss, adapters, device)
+    if lean_loss and not lean_loss_applies(model, objective):
+        lean_loss = False
+        notes.append("--lean-loss applies to causal LMs with a plain linear output layer: the usual loss "
+                     "is counted, as a run would use it")
+    model_config = getattr(model, "config", None)
+    if model_config is not None and activation_family(model_config) is None:
+        notes.append(f"activations: no measured formula for {getattr(model_config, 'model_type', '?')!r}; "
+                     f"{FALLBACK_FAMILY}'s is used (the largest: its attention keeps length x length "
+                     "scores)")
+    activations = activation_bytes(model_config, batch_size, max_length, dtype, objective, checkpointing,
+                                   lean_loss, adapters, device)
     subtotal = weights + gradients + state + copies + activations
     if mode == "finetuning" and objective != CLASSIFICATION:
         notes.append("finetuning a language model: activations as for pretraining")
@@ -206,6 +223,9 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
     from lowmem.config import default_of
     from lowmem.resolve import merge_layers, read_config_file
 
+    auto_note = ""
+    if dtype == "auto":
+        dtype, auto_note = resolve_auto_dtype(device)
     model_plugin = registry.model_for(model)
     if max_length is None:
         max_length = min(default_of("max_length"), model_plugin.max_positions)
@@ -231,25 +251,42 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
             if isinstance(optimizer, str):
                 raise
             results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
+    for result in results.values():
+        if auto_note and isinstance(result, Breakdown):
+            result.notes.append(auto_note)
     return results
 
 
-def largest_batch(breakdown: Breakdown, device_bytes: int, limit: int = 1 << 16) -> int:
-    """The largest batch size ``b`` whose estimate fits in ``device_bytes`` (0: not even batch 1),
-    up to ``limit``. The total grows with the batch: a doubling search, then a bisection."""
+def resolve_auto_dtype(device: str) -> tuple[str, str]:
+    """What ``--dtype auto`` becomes in a run on ``device``, and a note saying so: on a GPU, bf16
+    (what any GPU since Ampere picks; an older one picks fp16, the same bytes); on CPU, what this
+    machine's CPU picks."""
+    if device != "cpu":
+        return "bf16", ("--dtype auto: estimated as bf16, what a GPU with bf16 picks (fp16 takes the same "
+                        "bytes)")
+    import torch
 
-    def fit(batch_size: int) -> Breakdown:
-        return breakdown.at_batch(batch_size)
+    from lowmem.precision import choose_dtype
 
-    if fit(1).total > device_bytes:
-        return 0
-    low, high = 1, 2
-    while high <= limit and fit(high).total <= device_bytes:
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fit(middle).total <= device_bytes else (low, middle)
-    return low
+    chosen = choose_dtype("auto", torch.device("cpu"))
+    return chosen, f"--dtype auto: estimated as {chosen}, what this machine's CPU picks"
+
+
+def check_combination(dtype: str, per_layer: bool, parallel: str, bf16_rounding: str) -> None:
+    """What a run refuses before it starts, refused here too: no estimate for a run that cannot be."""
+    from lowmem.resolve import check_sharded_rounding
+
+    check_sharded_rounding(parallel, dtype, bf16_rounding)
+    if per_layer and dtype == "fp16":
+        raise ConfigError("per-layer updates happen inside backward, where fp16 loss scaling cannot unscale "
+                          "first; use --dtype bf16 or fp32")
+
+
+def lean_loss_applies(model: Any, objective: str) -> bool:
+    from lowmem.api import CAUSAL_LM
+    from lowmem.lean_loss import output_head
+
+    return objective == CAUSAL_LM and output_head(model) is not None
 
 
 def autocast_weight_copy_bytes(model: Any, dtype: str) -> int:

@@ -6,6 +6,8 @@ from lowmem.activations import ACTIVATION_FORMULA
 from lowmem.estimate import FRAMEWORK_OVERHEAD, Breakdown
 from lowmem.text import format_bytes
 
+BATCH_SEARCH_LIMIT = 1 << 16  # --gpu-memory searches batch sizes up to this
+
 
 def footnotes(results: dict[str, Breakdown | str]) -> list[str]:
     lines = [
@@ -80,8 +82,6 @@ def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | st
          device_bytes: int) -> list[dict[str, object]]:
     """Per optimizer: the largest batch that fits without and with activation checkpointing
     (0: not even batch 1), or why the optimizer does not apply."""
-    from lowmem.estimate import largest_batch
-
     rows: list[dict[str, object]] = []
     for name, result in plain.items():
         other = recomputed[name]
@@ -106,7 +106,9 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
     first = next((r for r in plain.values() if isinstance(r, Breakdown)), None)
     length = first.settings["max_length"] if first else 0
     if as_json:
-        print(json.dumps({"device_memory": device_bytes, "max_length": length, "optimizers": rows}, indent=2))
+        # A largest batch equal to the search limit means "at least that".
+        print(json.dumps({"device_memory": device_bytes, "max_length": length,
+                          "batch_search_limit": BATCH_SEARCH_LIMIT, "optimizers": rows}, indent=2))
         return
     from rich.table import Table
 
@@ -138,4 +140,26 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
 
 
 def _batch(value: object) -> str:
+    if value == BATCH_SEARCH_LIMIT:
+        return f">= {value}"  # the search stops there
     return "[red]0 (cannot fit)[/red]" if value == 0 else str(value)
+
+
+def largest_batch(breakdown: Breakdown, device_bytes: int, limit: int = BATCH_SEARCH_LIMIT) -> int:
+    """The largest batch size ``b`` whose estimate fits in ``device_bytes`` (0: not even batch 1),
+    up to ``limit`` (returned when that fits: "at least"). The total grows with the batch: a
+    doubling search, then a bisection."""
+
+    def fit(batch_size: int) -> Breakdown:
+        return breakdown.at_batch(batch_size)
+
+    if fit(1).total > device_bytes:
+        return 0
+    low, high = 1, 2
+    while high <= limit and fit(high).total <= device_bytes:
+        low, high = high, high * 2
+    high = min(high, limit + 1)  # the answer is at most ``limit``: the search stops there
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fit(middle).total <= device_bytes else (low, middle)
+    return low

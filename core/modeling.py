@@ -238,3 +238,12 @@ def choose_targets(model: Any, option: str, plugin: Model) -> tuple[str, ...]:
     if not found:
         raise ConfigError(f"--target-modules {option!r} matches no linear layer of this model")
     return tuple(found)
+
+
+def config_check_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's validation errors (transformers 5 checks configs with them; they are
+    not ValueErrors)."""
+    import huggingface_hub.errors
+
+    found = getattr(huggingface_hub.errors, "StrictDataclassError", None)
+    return (found,) if isinstance(found, type) and issubclass(found, Exception) else ()

@@ -212,7 +212,8 @@ class Registry:
             for name, entry in getattr(self, attr).items():
                 if entry.obj is obj:
                     return f"{KIND_OF[attr]} {name!r} ({entry.origin})"
-        return repr(obj)
+        name = getattr(obj, "name", "")  # one a plugin made for a source (a model folder)
+        return f"{type(obj).__name__} {name!r}" if name else repr(obj)
 
     @contextmanager
     def guard(self, obj: Any, method: str):
@@ -223,8 +224,10 @@ class Registry:
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any plugin failure
-            raise PluginFault(
-                f"{self.describe(obj)} failed in {method}(): {type(exc).__name__}: {exc}") from exc
+            from lowmem.text import first_line
+
+            reason = f"{type(exc).__name__}: {first_line(exc)}"
+            raise PluginFault(f"{self.describe(obj)} failed in {method}(): {reason}") from exc
 
 
 def _check_registered(obj: Any, *, base: type, hook_name: str) -> None:

@@ -64,8 +64,27 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
     return dataclasses.replace(config, **changes)
 
 
+# What a field annotated with one of these names may hold (a bool is an int to Python: refused).
+SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def check_types(config: TrainConfig) -> None:
+    """Each field of a simple type holds that type: from Python, lean_loss="false" would
+    otherwise switch the lever on."""
+    for spec in dataclasses.fields(config):
+        kinds = [kind.strip() for kind in str(spec.type).split("|")]
+        allowed = tuple(t for kind in kinds for t in SIMPLE_TYPES.get(kind, ()))
+        value = getattr(config, spec.name)
+        if not allowed or (value is None and "None" in kinds):
+            continue  # dicts and tuples are checked where they are read
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"{spec.name} must be {' or '.join(kinds)}, got {value!r}")
+
+
 def check_values(config: TrainConfig) -> None:
     """Values Python callers can get wrong (the CLI's option checks catch them earlier)."""
+    check_types(config)
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"{name} {getattr(config, name)!r} is not one of: {', '.join(choices)}")
@@ -82,15 +101,19 @@ def check_values(config: TrainConfig) -> None:
     if config.compile and config.lean_loss:
         raise ConfigError("--lean-loss and --compile do not combine: the lean loss swaps the output layer "
                           "for each forward, which a compiled graph cannot follow; choose one")
-    if config.parallel == "fsdp" and config.dtype == "bf16-pure" and config.bf16_rounding != "nearest":
+    check_sharded_rounding(config.parallel, config.dtype, config.bf16_rounding)
+    for target in config.report_to:
+        if target not in REPORTERS:
+            raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")
+
+
+def check_sharded_rounding(parallel: str, dtype: str, bf16_rounding: str) -> None:
+    if parallel == "fsdp" and dtype == "bf16-pure" and bf16_rounding != "nearest":
         # FSDP's sharded weights (DTensors) keep their local storage's dtype whatever the
         # parameter is given, so lowmem cannot update their slices in fp32 (lowmem.rounding).
         raise ConfigError("--dtype bf16-pure with --parallel fsdp rounds updates to nearest: pass "
                           "--bf16-rounding nearest, or use --dtype bf16 (FSDP keeps fp32 slices, 4 bytes "
                           "per weight divided by the process count)")
-    for target in config.report_to:
-        if target not in REPORTERS:
-            raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")
 
 
 def resolve_dataset(config: TrainConfig, registry: Registry) -> tuple[str, str | None]:

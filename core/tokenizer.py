@@ -82,10 +82,13 @@ def _load_named(name: str, option: str) -> Any:
         raise ConfigError(
             f"{option} {name}: no tokenizer files (tokenizer.json, vocab.json, ...) in that folder"
         )
+    from lowmem.modeling import config_check_errors
+
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{option} {name}: could not load a tokenizer ({first_line(exc)})") from None
+    except (OSError, ValueError, *config_check_errors()) as exc:
+        reason = first_line(exc.__cause__ or exc)  # a validation error carries the reason as its cause
+        raise ConfigError(f"{option} {name}: could not load a tokenizer ({reason})") from None
 
 
 def cached_hub_tokenizer(hub_id: str) -> Any | None:

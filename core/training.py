@@ -261,7 +261,7 @@ def run_facts(job: Run, dist: DistContext, registry: Registry) -> dict[str, Any]
     return {
         "device": str(job.device), "resolved_dtype": job.dtype, "world_size": dist.world_size,
         "objective": job.objective, "total_steps": job.total_steps, "warmup_steps": job.warmup_steps,
-        "applied_max_grad_norm": job.max_grad_norm,
+        "applied_max_grad_norm": job.max_grad_norm, "applied_lean_loss": job.lean_head is not None,
         "label_names": job.label_names, "data_kind": job.kind, "target_modules": list(job.target_modules),
         **optimizer(), "versions": library_versions(), "plugin_origins": plugin_origins(registry, job.config),
         "plugins": {p.name: p.origin for p in registry.plugins},

@@ -59,6 +59,10 @@ def test_config_json_is_the_resolved_config_and_resolving_again_changes_nothing(
     ({"dtype": "fp8"}, "dtype 'fp8'"),
     ({"optimizer_config": {"rnak": 4}}, "unknown key 'rnak'"),
     ({"max_length": 4096}, "4096"),
+    # From Python a string is not a switch: "false" would be true.
+    ({"lean_loss": "false"}, "lean_loss must be bool, got 'false'"),
+    ({"batch_size": True}, "batch_size must be int, got True"),
+    ({"max_steps": 2.5}, "max_steps must be int or None, got 2.5"),
 ])
 def test_bad_input_raises_config_error_never_exits(tiny_registry, tmp_path, changes, needle):
     try:

@@ -115,6 +115,9 @@ def test_lean_loss_trains_like_the_plain_loss(tiny_registry, tmp_path):
     evals = [json.loads((tmp_path / name / "summary.json").read_text())["eval_loss"]
              for name in ("plain", "lean")]
     assert evals[0] == pytest.approx(evals[1], rel=1e-4)
+    applied = [json.loads((tmp_path / name / "config.json").read_text())["applied_lean_loss"]
+               for name in ("plain", "lean")]
+    assert applied == [False, True]
 
 
 @pytest.mark.cuda

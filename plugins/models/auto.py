@@ -16,7 +16,7 @@ from typing import Any
 
 import lowmem
 from lowmem.api import CLASSIFICATION_KINDS
-from lowmem.modeling import build_model, cached_hub_file, hub_is_offline
+from lowmem.modeling import build_model, cached_hub_file, config_check_errors, hub_is_offline
 
 
 @lowmem.hookimpl
@@ -110,7 +110,17 @@ class HFModel(lowmem.Model):
 
         if self.source is None:
             raise lowmem.ConfigError("model 'hf' needs a source: pass --model FOLDER or a hub id")
-        config = AutoConfig.from_pretrained(self.source, trust_remote_code=request.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(self.source, trust_remote_code=request.trust_remote_code)
+        except (ValueError, KeyError, TypeError, OSError, *config_check_errors()) as exc:
+            # transformers' checks of a config (an unknown model_type, a hidden size the heads do
+            # not divide) are the user's input: one line, the reason first (a validation error
+            # carries it as its cause).
+            from lowmem.text import first_line
+
+            reason = first_line(exc.__cause__ or exc)
+            raise lowmem.ConfigError(
+                f"model {self.source}: transformers cannot build its config: {reason}") from None
         config.vocab_size = request.vocab_size
         return config
 

@@ -1,0 +1,103 @@
+"""lowmem estimate answers for the run that would really happen: a lever a run would not use is
+not counted, a combination a run refuses is refused, ``--dtype auto`` is what a run picks, and a
+model folder transformers cannot build is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support_models import bert_folder, qwen2_folder
+
+import lowmem
+from lowmem.activations import activation_bytes
+
+
+def estimated(cli, *args: str) -> dict:
+    result = cli("estimate", "--json", *args)
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    return found[next(iter(found))]
+
+
+def test_the_lean_loss_is_counted_only_where_a_run_uses_it(cli, tmp_path):
+    bert = str(bert_folder(tmp_path / "bert"))  # a masked LM: a run keeps the usual loss
+    common = ["--optimizer", "baseline", "--batch_size", "16", "--max_length", "128"]
+    plain, lean = (estimated(cli, "--model", bert, *common, *extra) for extra in ([], ["--lean-loss"]))
+    assert lean["activations"] == plain["activations"] and lean["settings"]["lean_loss"] is False
+    assert any("--lean-loss applies to causal LMs" in note for note in lean["notes"])
+    plain, lean = (estimated(cli, "--model", "tiny-llama", *common, *more) for more in ([], ["--lean-loss"]))
+    assert lean["activations"] < plain["activations"] and lean["settings"]["lean_loss"] is True
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (["--optimizer", "galore", "--nproc", "2", "--parallel", "fsdp", "--dtype", "bf16-pure"],
+     "pass --bf16-rounding nearest"),
+    (["--optimizer", "galore8bit", "--per-layer", "--dtype", "fp16"], "fp16 loss scaling cannot unscale"),
+])
+def test_what_a_run_refuses_is_not_estimated(cli, args, reason):
+    result = cli("estimate", "--model", "tiny-llama", *args)
+    assert result.exit_code == 2 and reason in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] != []
+    # Among several optimizers it is n/a, with the reason, and the others are estimated.
+    every = cli("estimate", "--model", "tiny-llama", "--json", *args[2:])
+    assert every.exit_code == 0, every.output
+    found = json.loads(every.output)
+    assert reason in found[args[1]]["error"]
+
+
+def test_dtype_auto_is_estimated_as_a_run_resolves_it(cli):
+    common = ["--model", "tiny-llama", "--optimizer", "baseline", "--device", "cuda"]
+    auto, bf16 = (estimated(cli, *common, "--dtype", dtype) for dtype in ("auto", "bf16"))
+    assert auto["settings"]["dtype"] == "bf16" and auto["total"] == bf16["total"]
+    assert any("--dtype auto: estimated as bf16" in note for note in auto["notes"])
+
+
+def test_the_batch_search_says_where_it_stopped(cli):
+    args = ["estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--gpu-memory", "100TiB",
+            "--max_length", "16"]
+    found = json.loads(cli(*args, "--json").output)
+    assert found["optimizers"][0]["largest_batch"] == found["batch_search_limit"] == 65536
+    assert ">= 65536" in cli(*args).output  # "at least", not a figure the search never passed
+
+
+def test_llama_like_decoders_take_llamas_formula_and_others_are_named(cli, tmp_path):
+    from transformers import AutoConfig, GPTNeoXConfig, LlamaConfig
+
+    qwen = qwen2_folder(tmp_path / "qwen")  # its blocks keep exactly LLaMA's tensors
+    found = estimated(cli, "--model", str(qwen), "--optimizer", "baseline", "--max_length", "64")
+    config = AutoConfig.from_pretrained(qwen)
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    as_llama = LlamaConfig(**{name: getattr(config, name) for name in sizes})
+    settings = found["settings"]
+    assert found["activations"] == activation_bytes(as_llama, settings["batch_size"], 64, settings["dtype"],
+                                                    lowmem.CAUSAL_LM, device=settings["device"])
+    assert not any("no measured formula" in note for note in found["notes"])
+    neox = tmp_path / "neox"
+    GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=320).save_pretrained(neox)
+    other = estimated(cli, "--model", str(neox), "--optimizer", "baseline", "--max_length", "64")
+    assert any("no measured formula for 'gpt_neox'" in note for note in other["notes"])
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"num_attention_heads": 5}, "not a multiple of the number of attention heads"),
+    ({"model_type": "nosuchmodel"}, "nosuchmodel"),
+])
+def test_a_model_folder_transformers_cannot_build_is_one_line(cli, tmp_path, change, reason):
+    from transformers import LlamaConfig
+
+    folder = qwen2_folder(tmp_path / "bad")  # its tokenizer, and a LLaMA config edited by hand
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=320, max_position_embeddings=256).to_dict()
+    config.pop("head_dim", None)
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    run = tmp_path / "run"
+    for args in (["estimate", "--model", str(folder), "--optimizer", "baseline"],
+                 ["train", "--mode", "pretraining", "--model", str(folder), "--optimizer", "baseline",
+                  "--test", "true", "--output-dir", str(run)]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and reason in errors[0] and "Traceback" not in result.output
+    assert not run.exists()

@@ -111,6 +111,8 @@ class TrainConfig:
         values = {k: v for k, v in data.items() if k in names}
         if "report_to" in values:
             values["report_to"] = tuple(values["report_to"])
+        if isinstance(values.get("target_modules"), list):  # config.json records the resolved layers
+            values["target_modules"] = ",".join(values["target_modules"])
         return cls(**values)
 
 

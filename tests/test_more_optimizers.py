@@ -255,6 +255,10 @@ def test_lomo_accumulates_exactly(name):
         optimizer.step()
         optimizer.zero_grad()
         train(model, optimizer, batch, steps=2, grad_accum=accum)
+        # The most gradient memory held at once: one weight's gradient, or all while accumulating.
+        sizes = [p.numel() * p.element_size() for p in model.parameters()]
+        assert optimizer.peak_gradient_bytes == (max(sizes) if accum == 1 else sum(sizes))
+        assert optimizer.held_gradient_bytes == 0
         models.append(model)
     assert not differing_parameters(*models)  # g/2 + g/2 == g exactly
 

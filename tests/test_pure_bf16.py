@@ -215,7 +215,7 @@ def test_sharded_pure_bf16_rounds_to_nearest_or_is_refused(cli, launch_env, tmp_
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+@pytest.mark.parametrize("rounding", [pytest.param("kahan", marks=pytest.mark.slow), "stochastic"])
 def test_ddp_replicas_stay_identical_with_bf16_updates(launch_env, tmp_path, rounding):
     """Two DDP processes round the same updates the same way (stochastic: the same seed, the
     same draws); the run's end-of-training replica check would fail otherwise."""

@@ -107,7 +107,9 @@ def test_incompatible_resume_is_refused(cli, tmp_path):
 # -- real processes: kill -9 during a save, SIGTERM ---------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["files", "manifest", "rename"])
+@pytest.mark.parametrize("stage", [  # each kill costs ~10 s: one stage by default
+    pytest.param("files", marks=pytest.mark.slow), "manifest",
+    pytest.param("rename", marks=pytest.mark.slow)])
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(cli, tmp_path, stage):
     from lowmem.checkpoint_files import complete_checkpoints, verify
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lowmem.plugins.optimizers.per_layer import drop_gradients
+from lowmem.plugins.optimizers.per_layer import drop_gradients, gradient_bytes
 from lowmem.rounding import COMPENSATION, KAHAN, NEAREST, ROUNDINGS_DONE, fp32_update
 
 
@@ -78,6 +78,10 @@ class LomoInBackward(torch.optim.Optimizer):
         self.micro_batches = [0] * len(self.parameters_in_order)
         self.steps = 0  # optimizer steps that updated; AdaLomo's step number
         self.window_updated = False
+        # Bytes of the gradients held at once, now and the most since construction (the run's
+        # summary reports the latter): one at a time, or all of them while accumulating.
+        self.held_gradient_bytes = 0
+        self.peak_gradient_bytes = 0
         if adaptive:
             for p in self.parameters_in_order:
                 self.state[p] = adalomo_state(p)
@@ -95,9 +99,14 @@ class LomoInBackward(torch.optim.Optimizer):
     def _hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
         def after_grad(param: torch.Tensor) -> None:
             self.micro_batches[index] += 1
+            if self.micro_batches[index] == 1 and param.grad is not None:  # a new gradient exists
+                self.held_gradient_bytes += gradient_bytes(param.grad)
+                self.peak_gradient_bytes = max(self.peak_gradient_bytes, self.held_gradient_bytes)
             if self.micro_batches[index] < self.grad_accum:
                 return
             self.micro_batches[index] = 0
+            if param.grad is not None:
+                self.held_gradient_bytes -= gradient_bytes(param.grad)
             if not self.window_updated:
                 self.steps += 1
                 self.window_updated = True
@@ -135,6 +144,7 @@ class LomoInBackward(torch.optim.Optimizer):
         drop_gradients(self.parameters_in_order, set_to_none)
         self.micro_batches = [0] * len(self.micro_batches)
         self.window_updated = False
+        self.held_gradient_bytes = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "engine"):

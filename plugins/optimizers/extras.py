@@ -98,7 +98,8 @@ def check_updates_in_backward(settings: lowmem.OptimizerSettings, what: str) -> 
             f"parameters is impossible (max_grad_norm is {settings.max_grad_norm}); pass --max-grad-norm 0"
         )
     # Several processes: lowmem refuses an optimizer that cannot step after DDP's reduction
-    # (PerLayerOptimizer can: step_after_reduction; LOMO's fused backward cannot).
+    # (PerLayerOptimizer can: step_after_reduction; LOMO's fused backward cannot, and its plugin
+    # says so in prepare_model).
 
 
 def whole_or_per_layer(

@@ -49,6 +49,14 @@ class Lomo(lowmem.Optimizer):
         return lambda view: PackageLomo(view, lr=settings.lr, clip_grad_norm=None, clip_grad_value=clip_value,
                                         weight_decay=0.0)
 
+    def prepare_model(self, model, settings):
+        # Refused here rather than once the optimizer exists, so that `lowmem estimate --nproc N`
+        # refuses what a run would (under FSDP it is refused for not sharding).
+        if settings.world_size > 1 and settings.parallel == "ddp":
+            raise lowmem.ConfigError(f"optimizer {self.name!r} updates inside backward, before DDP averages "
+                                     "the gradients over the processes; use one process")
+        return model
+
     def build(self, model, settings):
         from lowmem.plugins.optimizers.decay import decay_groups, trainable_named_parameters
         from lowmem.plugins.optimizers.lomo_backward import LomoInBackward

@@ -80,6 +80,7 @@ def lowmem_run(spec: dict) -> dict:
             optimizer_config=spec.get("config", {}), output_dir=out, cache_dir=str(CACHE_DIR),
             log_every=spec.get("log_every", 1), eval_batches=1, seed=42,
             compile=spec.get("compile", False), lean_loss=spec.get("lean_loss", False),
+            activation_checkpointing=spec.get("activation_checkpointing", False),
         )
         started, stamps = time.perf_counter(), []
         with cpu_clock_at_rows(stamps):

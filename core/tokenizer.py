@@ -84,9 +84,10 @@ def _load_named(name: str, option: str) -> Any:
         )
     from lowmem.modeling import config_check_errors
 
+    invalid: tuple[type[Exception], ...] = (OSError, ValueError, *config_check_errors())
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
-    except (OSError, ValueError, *config_check_errors()) as exc:
+    except invalid as exc:
         reason = first_line(exc.__cause__ or exc)  # a validation error carries the reason as its cause
         raise ConfigError(f"{option} {name}: could not load a tokenizer ({reason})") from None
 

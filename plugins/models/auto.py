@@ -110,9 +110,11 @@ class HFModel(lowmem.Model):
 
         if self.source is None:
             raise lowmem.ConfigError("model 'hf' needs a source: pass --model FOLDER or a hub id")
+        invalid: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, OSError,
+                                                *config_check_errors())
         try:
             config = AutoConfig.from_pretrained(self.source, trust_remote_code=request.trust_remote_code)
-        except (ValueError, KeyError, TypeError, OSError, *config_check_errors()) as exc:
+        except invalid as exc:
             # transformers' checks of a config (an unknown model_type, a hidden size the heads do
             # not divide) are the user's input: one line, the reason first (a validation error
             # carries it as its cause).

@@ -56,7 +56,8 @@ def two_process_runs(launch_env, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
+@pytest.mark.slow  # a two-process launch per mode (~10 s each)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_checkpointing_changes_no_loss_with_two_processes(launch_env, tmp_path, two_process_runs,
                                                           sharded_runs, parallel):
     """--activation-checkpointing recomputes each block in backward under DDP (its gradient hooks

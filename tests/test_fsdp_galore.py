@@ -64,6 +64,7 @@ def test_sharded_galore_resumes_exactly_and_on_one_process(cli, launch_env, tmp_
     assert_close_losses(one, folder / "run")
 
 
+@pytest.mark.slow  # three sharded launches, ~25 s; 1 -> 2 for 8-bit states stays in the default run
 def test_8bit_states_resume_exactly_at_two_and_on_one_process(cli, launch_env, tmp_path, sharded_runs):
     """Checkpoints hold the 8-bit moments as fp32 slices: at the same number of processes they
     quantise back to the same blocks (exact); on one process the blocks are those of the whole

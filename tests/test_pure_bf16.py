@@ -198,18 +198,27 @@ def test_bad_rounding_is_refused(cli, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_sharded_pure_bf16_rounds_to_nearest_or_is_refused(cli, launch_env, tmp_path):
-    """FSDP's sliced weights cannot be updated in fp32 in place: kahan/stochastic are refused in
-    one line; nearest trains as before."""
-    from support_runs import launch, train_losses
-
+def sharded_pure_bf16_args(tmp_path) -> list[str]:
     args = pretrain_args(tmp_path, "galore", out="sharded", tokens=1280,
                          extra=("--parallel", "fsdp", "--shuffle", "false"))
     args[args.index("--dtype") + 1] = "bf16-pure"
-    refused = cli(*args)
+    return args
+
+
+def test_sharded_pure_bf16_without_nearest_is_refused(cli, tmp_path):
+    """FSDP's sliced weights cannot be updated in fp32 in place: kahan/stochastic are refused in
+    one line, before anything is written."""
+    refused = cli(*sharded_pure_bf16_args(tmp_path))
     assert refused.exit_code == 2 and "--bf16-rounding nearest" in refused.output
     assert not (tmp_path / "sharded").exists()
-    result = launch(launch_env, *args, "--nproc", "2", "--bf16-rounding", "nearest")
+
+
+@pytest.mark.slow  # two processes, ~12 s
+def test_sharded_pure_bf16_rounds_to_nearest(launch_env, tmp_path):
+    from support_runs import launch, train_losses
+
+    args = [*sharded_pure_bf16_args(tmp_path), "--nproc", "2", "--bf16-rounding", "nearest"]
+    result = launch(launch_env, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     losses = train_losses(tmp_path / "sharded")
     assert losses[-1] < losses[0]

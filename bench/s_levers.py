@@ -31,14 +31,18 @@ CHUNKED_VARIANTS = {"checkpointing": {}, "checkpointing + lean loss": {"lean_los
 MIB = 2**20
 
 
+def medians(results: dict[str, list[dict]], key: str) -> dict[str, float]:
+    """Per variant, the median of ``key`` over the runs that have it."""
+    return {name: median([r[key] for r in runs if key in r]) for name, runs in results.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     specs = {name: {**BASE, **extra} for name, extra in VARIANTS.items()}
     results = alternate(specs, args.repeats, print)
-    seconds = {name: median([r["step_seconds"] for r in runs if "step_seconds" in r])
-               for name, runs in results.items()}
+    seconds = medians(results, "step_seconds")
     rows = [[name, f"{seconds[name]:.2f}", f"{seconds[name] / seconds['plain']:.2f}",
              ", ".join(f"{r['step_seconds']:.2f}" for r in results[name] if "step_seconds" in r)]
             for name in VARIANTS]
@@ -46,10 +50,7 @@ def main() -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(32 * MIB)
     chunked = alternate({name: {**CHUNKED, **extra} for name, extra in CHUNKED_VARIANTS.items()},
                         args.repeats, print)
-    chunked_seconds = {name: median([r["step_seconds"] for r in runs if "step_seconds" in r])
-                       for name, runs in chunked.items()}
-    chunked_peaks = {name: median([r["peak_rss_bytes"] for r in runs if "peak_rss_bytes" in r])
-                     for name, runs in chunked.items()}
+    chunked_seconds, chunked_peaks = medians(chunked, "step_seconds"), medians(chunked, "peak_rss_bytes")
     first = next(iter(CHUNKED_VARIANTS))
     chunked_rows = [[name, f"{chunked_seconds[name]:.2f}",
                      f"{chunked_seconds[name] / chunked_seconds[first]:.2f}",

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lowmem.plugins.optimizers.per_layer import drop_gradients, gradient_bytes
+from lowmem.plugins.optimizers.per_layer import GradientTally, drop_gradients
 from lowmem.rounding import COMPENSATION, KAHAN, NEAREST, ROUNDINGS_DONE, fp32_update
 
 
@@ -57,7 +57,7 @@ def adalomo_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
             "exp_avg_sq_col": torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)}
 
 
-class LomoInBackward(torch.optim.Optimizer):
+class LomoInBackward(torch.optim.Optimizer, GradientTally):
     # The training loop: updates happen inside backward; step() does nothing.
     steps_in_backward = True
 
@@ -78,10 +78,7 @@ class LomoInBackward(torch.optim.Optimizer):
         self.micro_batches = [0] * len(self.parameters_in_order)
         self.steps = 0  # optimizer steps that updated; AdaLomo's step number
         self.window_updated = False
-        # Bytes of the gradients held at once, now and the most since construction (the run's
-        # summary reports the latter): one at a time, or all of them while accumulating.
-        self.held_gradient_bytes = 0
-        self.peak_gradient_bytes = 0
+        GradientTally.__init__(self)  # one gradient at a time, or all of them while accumulating
         if adaptive:
             for p in self.parameters_in_order:
                 self.state[p] = adalomo_state(p)
@@ -100,13 +97,12 @@ class LomoInBackward(torch.optim.Optimizer):
         def after_grad(param: torch.Tensor) -> None:
             self.micro_batches[index] += 1
             if self.micro_batches[index] == 1 and param.grad is not None:  # a new gradient exists
-                self.held_gradient_bytes += gradient_bytes(param.grad)
-                self.peak_gradient_bytes = max(self.peak_gradient_bytes, self.held_gradient_bytes)
+                self.gradient_arrived(param.grad)
             if self.micro_batches[index] < self.grad_accum:
                 return
             self.micro_batches[index] = 0
             if param.grad is not None:
-                self.held_gradient_bytes -= gradient_bytes(param.grad)
+                self.gradient_released(param.grad)
             if not self.window_updated:
                 self.steps += 1
                 self.window_updated = True

@@ -32,6 +32,22 @@ def gradient_bytes(tensor: torch.Tensor) -> int:
     return part.numel() * part.element_size()
 
 
+class GradientTally:
+    """The gradient bytes an optimizer that updates inside backward holds (this process's slices
+    under FSDP): ``held`` now, ``peak`` the most since construction, which the run reports."""
+
+    def __init__(self) -> None:
+        self.held_gradient_bytes = 0
+        self.peak_gradient_bytes = 0
+
+    def gradient_arrived(self, grad: torch.Tensor) -> None:
+        self.held_gradient_bytes += gradient_bytes(grad)
+        self.peak_gradient_bytes = max(self.peak_gradient_bytes, self.held_gradient_bytes)
+
+    def gradient_released(self, grad: torch.Tensor) -> None:
+        self.held_gradient_bytes -= gradient_bytes(grad)
+
+
 def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
     """``zero_grad`` for optimizers that update inside backward: the gradients a skipped or
     finished window left behind go, freed or zeroed."""
@@ -57,7 +73,7 @@ def is_finite(square: torch.Tensor, grad: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-class PerLayerOptimizer(torch.optim.Optimizer):
+class PerLayerOptimizer(torch.optim.Optimizer, GradientTally):
     # Tells the training loop that updates happen inside backward: there is no moment to
     # unscale (fp16) or clip gradients, so it refuses fp16 instead of stepping on scaled grads.
     steps_in_backward = True
@@ -86,10 +102,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.micro_batches = [0] * len(params)
         self.norm_squared: torch.Tensor | None = None  # of the gradients stepped on since zero_grad
         self.nonfinite = False  # a gradient of this window was inf/NaN: no weight steps until zero_grad
-        # Bytes of the gradients held at once (this process's slices under FSDP): now, and the
-        # most since construction; under DDP its buckets hold every gradient anyway.
-        self.held_gradient_bytes = 0
-        self.peak_gradient_bytes = 0
+        GradientTally.__init__(self)  # under DDP its buckets hold every gradient anyway
         self.hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(index)) for index, p in enumerate(params)
         ]
@@ -99,8 +112,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         def after_grad(param: torch.Tensor) -> None:
             self.micro_batches[index] += 1
             if self.micro_batches[index] == 1 and param.grad is not None:  # a new gradient exists
-                self.held_gradient_bytes += gradient_bytes(param.grad)
-                self.peak_gradient_bytes = max(self.peak_gradient_bytes, self.held_gradient_bytes)
+                self.gradient_arrived(param.grad)
             if self.micro_batches[index] < self.grad_accum:
                 return
             self.micro_batches[index] = 0
@@ -112,7 +124,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         grad = param.grad
         if grad is not None:
             if self.hooks:  # counted by its hook (DDP's buckets are not)
-                self.held_gradient_bytes -= gradient_bytes(grad)
+                self.gradient_released(grad)
             square = local(grad).detach().float().pow(2).sum()  # of this process's slice under FSDP
             self.norm_squared = square if self.norm_squared is None else self.norm_squared + square
             if self.nonfinite or not is_finite(square, grad):

@@ -190,6 +190,9 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     if sharded:  # the optimizer is built on the shards (one process: a single shard)
         from lowmem.sharding import shard_model
 
+        if dist.world_size == 1:
+            say("note: --parallel fsdp on one process holds the whole model as one shard: the run equals a "
+                "plain run, with sharded (DCP) checkpoints")
         dist.ensure_group(want_cuda=device.type == "cuda")
         with registry.guard(optimizer_plugin, "shard_dims"):
             dims = optimizer_plugin.shard_dims(model, settings)

@@ -70,6 +70,7 @@ def test_one_sharded_process_equals_a_plain_run(cli, tmp_path):
     for name, extra in (("plain", []), ("sharded", ["--parallel", "fsdp"])):
         result = cli(*pretrain_args(tmp_path, "baseline", out=name, tokens=1024, extra=extra))
         assert result.exit_code == 0, result.output
+        assert ("note: --parallel fsdp on one process" in result.output) == bool(extra)
     assert [r.get("loss") for r in read_metrics(tmp_path / "sharded")] == \
         [r.get("loss") for r in read_metrics(tmp_path / "plain")]
     checkpoint = tmp_path / "sharded" / "checkpoints" / "step-8"

@@ -129,8 +129,15 @@ def test_a_whole_checkpoint_resumes_on_two_sharded_processes(cli, launch_env, tm
                                                             rel):
     """One process without --parallel fsdp writes its checkpoints whole; two sharded processes
     continue from one, each taking its slices of the model and of the optimizer state (8-bit
-    moments, here the embeddings', quantised again per slice; GaLore's projections whole)."""
+    moments, here the embeddings', quantised again per slice; GaLore's projections whole).
+
+    8-bit: min_8bit_size lies between the embeddings' moment (12,288 elements) and its slices
+    (6,144), so the slices stay 8-bit only if they are judged by the whole moment, as one
+    process judges it and as ``lowmem estimate`` counts."""
     args = fsdp_args(tmp_path, optimizer, "one", ["--grad-accum", "2", *extra])
+    settings = tmp_path / "galore.json"  # written by fsdp_args
+    if optimizer == "galore8bit":
+        settings.write_text(json.dumps({**json.loads(settings.read_text()), "min_8bit_size": 8192}))
     assert cli(*args).exit_code == 0
     resumed = interrupted_copy(tmp_path / "one", tmp_path / "resumed", step=6)
     args = [a if a != "2" or args[i - 1] != "--grad-accum" else "1" for i, a in enumerate(args)]
@@ -138,6 +145,13 @@ def test_a_whole_checkpoint_resumes_on_two_sharded_processes(cli, launch_env, tm
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((resumed / "config.json").read_text())["parallel"] == "fsdp"
     assert_close_losses(resumed, tmp_path / "one", rel=rel)
+    estimate = cli("estimate", "--json", "--model", "tiny-llama", "--optimizer", optimizer,
+                   "--max_length", "32", "--dtype", "fp32", "--nproc", "2", "--parallel", "fsdp", *extra,
+                   *(["--optimizer-config", str(settings)] if "galore" in optimizer else []))
+    assert estimate.exit_code == 0, estimate.output
+    processes = json.loads((resumed / "summary.json").read_text())["per_process"]
+    held = [process["optimizer_state_bytes"] for process in processes]
+    assert held == [json.loads(estimate.output)[optimizer]["optimizer_states"]] * 2
 
 
 # -- the end-of-run check of a sharded run -----------------------------------------------------

@@ -47,7 +47,7 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
     """The moments of a checkpoint in the form bitsandbytes keeps for this process's slices: the
     saved 8-bit blocks where the checkpoint has as many processes, else blocks quantised again
     from the fp32 copy (or from a whole moment's values, in a checkpoint written whole), or fp32
-    where bitsandbytes keeps a slice this small (``min_8bit_size``)."""
+    where the whole moment is below ``min_8bit_size``."""
     import bitsandbytes.functional as bnb
 
     maps = {"1": optimizer.name2qmap["dynamic"], "2": optimizer.name2qmap["udynamic"]}
@@ -73,8 +73,8 @@ def for_these_slices(state_dict: dict[str, Any], optimizer: Any) -> dict[str, An
                 continue
             local = values.to_local().contiguous()
             state.pop(f"absmax{n}", None)
-            if local.numel() < optimizer.args.min_8bit_size:
-                state[f"state{n}"] = values  # bitsandbytes keeps a small moment in fp32
+            if local.numel() == 0 or values.numel() < optimizer.args.min_8bit_size:
+                state[f"state{n}"] = values  # a small whole moment stays fp32 (galore_adamw8bit)
                 continue
             code = state.setdefault(f"qmap{n}", maps[n])
             quantized, quant_state = bnb.quantize_blockwise(local, code=code, blocksize=BLOCK)

@@ -22,7 +22,7 @@ from bitsandbytes.utils import sync_gpu  # noqa: E402
 
 from lowmem.plugins.optimizers.galore8bit_checkpoint import for_these_slices, with_fp32_slices  # noqa: E402
 from lowmem.plugins.optimizers.galore_common import ProjectorStateMixin, new_projector  # noqa: E402
-from lowmem.plugins.optimizers.galore_sharded import on_local_shards  # noqa: E402
+from lowmem.plugins.optimizers.galore_sharded import WHOLE_MOMENT, on_local_shards  # noqa: E402
 
 
 @on_local_shards  # FSDP: steps each process's slices (galore_sharded)
@@ -48,6 +48,16 @@ class GaLoreAdamW8bit(ProjectorStateMixin, Optimizer2State):
             skip_zeros=False,
             is_paged=False,
         )
+
+    def get_config(self, gindex, pindex, group):
+        config = super().get_config(gindex, pindex, group)
+        whole = getattr(group["params"][pindex], WHOLE_MOMENT, None)
+        if whole is not None and group["params"][pindex].numel() > 0:
+            # An FSDP slice: bitsandbytes would compare the slice with min_8bit_size, so two
+            # processes would keep in fp32 a moment that one process keeps in 8 bits (LoRA's
+            # 8 x 512 factors at 4,096 elements, say). Decide on the whole moment instead.
+            config["min_8bit_size"] = 0 if whole >= config["min_8bit_size"] else whole + 1
+        return config
 
     @torch.no_grad()
     def step(self, closure=None):

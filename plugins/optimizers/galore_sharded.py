@@ -15,7 +15,7 @@ same bits. ``proj_type: full`` projects both sides and cannot be sliced: refused
 The optimizers keep running on plain tensors: ``on_local_shards`` wraps their ``step`` so it
 sees each process's slices of parameters, gradients and state, and stores state back as
 DTensors sliced like their parameter (checkpoints then reshard); bitsandbytes' 8-bit moments
-are quantised per slice.
+are quantised per slice, 8-bit wherever one process would keep them 8-bit.
 
 Imported only from inside plugin methods.
 """
@@ -36,6 +36,9 @@ import lowmem
 REPLICATED = ("qmap1", "qmap2")  # bitsandbytes' quantisation maps: the same constants everywhere
 PER_BLOCK = ("absmax1", "absmax2")  # bitsandbytes' per-256-element scales of a quantised moment
 BLOCK = 256
+# Set on each local slice while an optimizer steps: the elements of the whole parameter's Adam
+# moment, so an 8-bit optimizer can pick 8 or 32 bits as one process would (galore_adamw8bit).
+WHOLE_MOMENT = "lowmem_whole_moment_numel"
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -189,6 +192,7 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
                 make_projector(optimizer, group, param, state)
             local = param.to_local()
             local.grad = None if param.grad is None else param.grad.to_local()
+            setattr(local, WHOLE_MOMENT, whole_moment_numel(group, param))
             optimizer.state[local] = {key: to_local(key, value, state) for key, value in state.items()}
             group["params"][index] = local
             swaps.append((group, index, param, local))
@@ -204,6 +208,16 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             kept.clear()
             kept.update({key: to_dtensor(key, value, param, state) for key, value in state.items()})
             local.grad = None
+
+
+def whole_moment_numel(group: Mapping[str, Any], param: Any) -> int:
+    """Elements of Adam's moments for the whole ``param``: low-rank for a projected weight."""
+    if "rank" not in group:
+        return param.numel()
+    from lowmem.plugins.optimizers.galore_common import low_rank_shapes
+
+    moment, _ = low_rank_shapes(*param.shape, group["rank"], group["proj_type"])
+    return math.prod(moment)
 
 
 def make_projector(optimizer: Any, group: Mapping[str, Any], param: Any, state: dict[str, Any]) -> None:

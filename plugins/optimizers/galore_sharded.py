@@ -216,7 +216,8 @@ def whole_moment_numel(group: Mapping[str, Any], param: Any) -> int:
         return param.numel()
     from lowmem.plugins.optimizers.galore_common import low_rank_shapes
 
-    moment, _ = low_rank_shapes(*param.shape, group["rank"], group["proj_type"])
+    rows, cols = param.shape
+    moment, _ = low_rank_shapes(rows, cols, group["rank"], group["proj_type"])
     return math.prod(moment)
 
 

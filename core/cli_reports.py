@@ -60,6 +60,12 @@ def estimate(
     optimizer_config: Annotated[Path | None, Opt(
         "--optimizer-config", "--optimizer_config", callback=existing_file,
         help="JSON settings overriding the optimizer's defaults")] = None,
+    lora_config: Annotated[Path | None, Opt(
+        "--lora_config", "--lora-config", callback=existing_file,
+        help="JSON LoRA settings (optimizers that read them), as train's")] = None,
+    galore_config: Annotated[Path | None, Opt(
+        "--galore_config", "--galore-config", callback=existing_file,
+        help="JSON GaLore settings (optimizers that read them), as train's")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table")] = False,
     checkpointing: Annotated[bool, Opt("--activation-checkpointing",
                                        help="With activation checkpointing")] = False,
@@ -97,7 +103,8 @@ def estimate(
             device = "cuda" if gpu_memory or device_memory or torch.cuda.is_available() else "cpu"
         options: dict[str, Any] = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                        per_layer=per_layer, grad_accum=grad_accum,
-                                       optimizer_config_file=optimizer_config, lean_loss=lean_loss,
+                                       optimizer_config_file=optimizer_config, lora_config_file=lora_config,
+                                       galore_config_file=galore_config, lean_loss=lean_loss,
                                        world_size=nproc, parallel=parallel, bf16_rounding=bf16_rounding,
                                        device=device)
         if gpu_memory is not None:

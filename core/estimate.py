@@ -212,16 +212,19 @@ def estimate(
 
 def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, *, mode: str, batch_size: int,
                   max_length: int | None, dtype: str, per_layer: bool, grad_accum: int,
-                  optimizer_config_file: Any = None, checkpointing: bool = False,
+                  optimizer_config_file: Any = None, lora_config_file: Any = None,
+                  galore_config_file: Any = None, checkpointing: bool = False,
                   lean_loss: bool = False, world_size: int = 1,
                   parallel: str = "ddp", bf16_rounding: str = "kahan",
                   device: str = "cuda") -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, a list of them, or (``optimizer`` None) every registered
     one; among several, an optimizer that cannot apply (no per-layer mode, say) maps to its
     reason instead of a Breakdown. Unknown names are errors. ``max_length`` None: train's
-    default, or the model's whole context where that is shorter."""
+    default, or the model's whole context where that is shorter. The settings files overlay each
+    optimizer's defaults as in ``train``: ``--lora_config`` / ``--galore_config`` where it reads
+    that family, then ``--optimizer-config``."""
     from lowmem.config import default_of
-    from lowmem.resolve import merge_layers, read_config_file
+    from lowmem.resolve import config_file_layers, merge_layers
 
     auto_note = ""
     if dtype == "auto":
@@ -232,16 +235,19 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
     if max_length > model_plugin.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows "
                           f"({model_plugin.max_positions} positions)")
-    file_data = read_config_file(optimizer_config_file) if optimizer_config_file is not None else None
-    files = [(str(optimizer_config_file), file_data)] if file_data is not None else []
     dataset = registry.dataset(registry.default_dataset(mode))
     objective = model_plugin.objective(mode, dataset.kind)
     names = [optimizer] if isinstance(optimizer, str) else optimizer or sorted(registry.optimizers)
     plugins = {name: registry.optimizer(name) for name in names}  # unknown names fail first
     results: dict[str, Breakdown | str] = {}
     for name, optimizer_plugin in plugins.items():
+        # Among several optimizers a family file fits some, not all: a note only for one asked by name.
+        ignored: list[str] = []
+        say = ignored.append if isinstance(optimizer, str) else None
+        files = config_file_layers(optimizer_plugin, lora_config_file, galore_config_file,
+                                   optimizer_config_file, say)
         try:
-            results[name] = estimate(
+            breakdown = estimate(
                 model_plugin, optimizer_plugin, mode=mode, objective=objective, batch_size=batch_size,
                 max_length=max_length, dtype=dtype, optimizer_config=merge_layers(optimizer_plugin, files),
                 per_layer=per_layer, grad_accum=grad_accum, checkpointing=checkpointing, lean_loss=lean_loss,
@@ -251,6 +257,9 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
             if isinstance(optimizer, str):
                 raise
             results[name] = str(exc)  # shown as "n/a" with the reason, the others still shown
+            continue
+        breakdown.notes.extend(note.removeprefix("note: ") for note in ignored)
+        results[name] = breakdown
     for result in results.values():
         if auto_note and isinstance(result, Breakdown):
             result.notes.append(auto_note)

@@ -150,16 +150,8 @@ def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig,
                            say: Callable[[str], None]) -> dict[str, Any]:
     """``optimizer.default_config`` overlaid by the config files in order, then by
     ``config.optimizer_config``; keys and value types checked, then the plugin's own check."""
-    layers: list[tuple[str, dict[str, Any]]] = []
-    for family, path in (("lora", config.lora_config_file), ("galore", config.galore_config_file)):
-        if path is None:
-            continue
-        if family in optimizer.config_files:
-            layers.append((str(path), read_config_file(path)))
-        else:
-            say(f"note: --{family}_config does not apply to optimizer {optimizer.name!r}; ignored")
-    if config.optimizer_config_file is not None:
-        layers.append((str(config.optimizer_config_file), read_config_file(config.optimizer_config_file)))
+    layers = config_file_layers(optimizer, config.lora_config_file, config.galore_config_file,
+                                config.optimizer_config_file, say)
     if config.optimizer_config:
         layers.append(("optimizer_config", dict(config.optimizer_config)))
     if config.per_layer:
@@ -168,6 +160,25 @@ def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig,
                               "one have a 'per_layer' setting; lowmem list-optimizers)")
         layers.append(("--per-layer", {"per_layer": True}))
     return merge_layers(optimizer, layers)
+
+
+def config_file_layers(optimizer: Optimizer, lora_file: str | Path | None, galore_file: str | Path | None,
+                       optimizer_file: str | Path | None,
+                       say: Callable[[str], None] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(file, values) for each settings file that applies to ``optimizer``, in the order they
+    overlay: ``--lora_config``, ``--galore_config`` (each only for optimizers that read that
+    family; otherwise a note through ``say``), then ``--optimizer-config``."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for family, path in (("lora", lora_file), ("galore", galore_file)):
+        if path is None:
+            continue
+        if family in optimizer.config_files:
+            layers.append((str(path), read_config_file(path)))
+        elif say is not None:
+            say(f"note: --{family}_config does not apply to optimizer {optimizer.name!r}; ignored")
+    if optimizer_file is not None:
+        layers.append((str(optimizer_file), read_config_file(optimizer_file)))
+    return layers
 
 
 def merge_layers(optimizer: Optimizer, layers: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

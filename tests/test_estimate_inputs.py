@@ -102,3 +102,33 @@ def test_a_model_folder_transformers_cannot_build_is_one_line(cli, tmp_path, cha
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and reason in errors[0] and "Traceback" not in result.output
     assert not run.exists()
+
+
+def test_the_family_config_files_overlay_as_in_train(cli, tmp_path):
+    """--lora_config and --galore_config reach the optimizers that read them, then
+    --optimizer-config overlays both, as train merges them; elsewhere they are noted and ignored."""
+    galore, lora, last = tmp_path / "galore.json", tmp_path / "lora.json", tmp_path / "last.json"
+    galore.write_text('{"rank": 8, "update_proj_gap": 50}')
+    lora.write_text('{"r": 16}')
+    last.write_text('{"rank": 4}')
+    files = ["--galore_config", str(galore), "--lora-config", str(lora), "--max_length", "16"]
+    both = json.loads(cli("estimate", "--json", "--model", "tiny-llama",
+                          "--optimizer", "galore,lora,lora+galore8bit", *files).output)
+    assert both["galore"]["settings"]["optimizer_config"]["rank"] == 8
+    assert both["lora"]["settings"]["optimizer_config"]["r"] == 16
+    assert {key: both["lora+galore8bit"]["settings"]["optimizer_config"][key]
+            for key in ("r", "rank", "update_proj_gap")} == {"r": 16, "rank": 8, "update_proj_gap": 50}
+    assert not any("ignored" in note for result in both.values() for note in result["notes"])
+    overlaid = estimated(cli, "--model", "tiny-llama", "--optimizer", "galore", *files,
+                         "--optimizer-config", str(last))
+    assert overlaid["settings"]["optimizer_config"]["rank"] == 4
+    assert overlaid["optimizer_states"] < both["galore"]["optimizer_states"]
+    assert any("--lora_config does not apply to optimizer 'galore'" in note for note in overlaid["notes"])
+    baseline = estimated(cli, "--model", "tiny-llama", "--optimizer", "baseline", *files)
+    assert baseline["settings"]["optimizer_config"] == {}
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"rank": "eight"}')
+    refused = cli("estimate", "--model", "tiny-llama", "--optimizer", "galore", "--galore_config", str(wrong))
+    assert refused.exit_code == 2 and "'rank' must be" in refused.output, refused.output
+    missing = str(tmp_path / "none.json")
+    assert cli("estimate", "--model", "tiny-llama", "--lora_config", missing).exit_code == 2

@@ -10,6 +10,7 @@ for compute, gradients reduced in fp32; fp32 runs have none.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,12 @@ def shard_model(model: torch.nn.Module, dtype: str, device: torch.device,
         dim = dims.get(names.get(id(param), ""), 0)
         return Shard(dim) if dim else None  # None: FSDP's default, rows
 
+    # FSDP2 warns, once per process, when a sharded module returns a view (a PEFT model's logits,
+    # the hidden states the lean loss reads): an in-place op on it would skip the gather before
+    # backward. lowmem only reads what the model returns, and the two-process runs equal one
+    # process (tests/test_fsdp*.py), so the warning would only alarm.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor",
+                            category=UserWarning)
     policy = mixed_precision(dtype)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, shard_placement_fn=placement)

@@ -188,6 +188,17 @@ def test_sharded_runs_check_what_must_be_identical(tmp_path):
         assert "differs between ranks" in message and "0.weight" in message, message
 
 
+def test_the_lean_loss_on_two_sharded_processes_equals_the_plain_loss(launch_env, tmp_path, sharded_runs):
+    """--lean-loss reads the hidden states the sharded root returns (a view): the losses are the
+    plain loss's, and FSDP's warning about views (lowmem changes none in place) is not shown."""
+    args = fsdp_args(tmp_path, "baseline", "run", ["--parallel", "fsdp", "--lean-loss"])
+    result = launch(launch_env, *args, "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["applied_lean_loss"] is True
+    assert_close_losses(tmp_path / "run", sharded_runs("baseline") / "run", rel=1e-6)
+    assert "returned a view tensor" not in result.stderr, result.stderr
+
+
 def test_kill_9_during_a_sharded_save_resumes_from_the_last_complete_checkpoint(launch_env, tmp_path,
                                                                                sharded_runs):
     """Rank 0 is killed (SIGKILL) while it finishes the step-6 checkpoint, after both processes

@@ -170,3 +170,16 @@ def test_importing_the_model_plugins_does_not_import_torch():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("command", [
+    ["estimate", "--model", "hf", "--optimizer", "baseline"],
+    ["estimate", "--model", "hf", "--gpu-memory", "1GiB"],
+    ["train", "--mode", "pretraining", "--model", "hf", "--optimizer", "baseline", "--test", "true"],
+])
+def test_the_bare_hf_entry_asks_for_a_source(cli, tmp_path, command):
+    """`--model hf` names the plugin that loads folders and hub ids, not a model: one line, exit 2."""
+    result = cli(*command, *(["--output-dir", str(tmp_path / "run")] if command[0] == "train" else []))
+    assert result.exit_code == 2, result.output
+    assert "model 'hf' needs a source" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()

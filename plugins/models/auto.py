@@ -101,15 +101,20 @@ class HFModel(lowmem.Model):
         return self.source
 
     def objective(self, mode: str, dataset_kind: str) -> str:
+        self.check_source()
         if mode == "finetuning" and dataset_kind in CLASSIFICATION_KINDS:
             return lowmem.CLASSIFICATION
         return lowmem.MASKED_LM if is_encoder(self.hf) else lowmem.CAUSAL_LM
 
+    def check_source(self) -> None:
+        """The registered 'hf' entry itself (``--model hf``) has no model to describe."""
+        if self.source is None:
+            raise lowmem.ConfigError("model 'hf' needs a source: pass --model FOLDER or a hub id")
+
     def config(self, request: lowmem.ModelRequest) -> Any:
         from transformers import AutoConfig
 
-        if self.source is None:
-            raise lowmem.ConfigError("model 'hf' needs a source: pass --model FOLDER or a hub id")
+        self.check_source()
         invalid: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, OSError,
                                                 *config_check_errors())
         try:

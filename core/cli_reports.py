@@ -117,7 +117,10 @@ def estimate(
                 typer.echo(f"note: with --gpu-memory, {ignored} is not used: the batch is searched, with "
                            "and without checkpointing", err=True)
             plain = estimate_many(get_registry(), model, asked, checkpointing=False, **options)
-            recomputed = estimate_many(get_registry(), model, asked, checkpointing=True, **options)
+            try:
+                recomputed = estimate_many(get_registry(), model, asked, checkpointing=True, **options)
+            except ConfigError as exc:  # one optimizer asked, on a model that cannot checkpoint
+                recomputed = dict.fromkeys(plain, str(exc))
             print_fits(plain, recomputed, cast(int, gpu_memory), as_json=as_json)
             return
         results = estimate_many(get_registry(), model, asked, checkpointing=checkpointing, **options)

@@ -17,7 +17,7 @@ What lowmem's training loop holds, and so what is counted here:
   the copy is saved for backward, so all of them are alive when backward starts.
 * activations: see ``activation_bytes``.
 * framework overhead: ``FRAMEWORK_OVERHEAD`` of everything above (allocator slack, the
-  activation gradients and temporaries of backward).
+  activation gradients and temporaries of backward), plus on CPU ``CPU_RUNTIME_BYTES``.
 """
 
 from __future__ import annotations
@@ -36,12 +36,34 @@ from lowmem.activations import (
 )
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
+from lowmem.levers import check_checkpointing
 from lowmem.modeling import choose_targets
 from lowmem.precision import DTYPE_BYTES, cast_weights, uses_autocast, weight_bytes_per_element
 from lowmem.rounding import compensation_bytes
 
 GENERIC_GUESS = "generic AdamW-like guess"
-FRAMEWORK_OVERHEAD = 0.10
+# What training holds beyond the counted tensors, as a share of them: the allocator's slack and
+# backward's temporaries. On CUDA an allowance; on CPU set with CPU_RUNTIME_BYTES from the 58
+# measured peaks of bench/peaks.md.
+FRAMEWORK_OVERHEAD = {"cuda": 0.10, "cpu": 0.05}
+# On CPU the peak is the process's resident set, which also keeps what a run loads before its
+# first step: the libraries it imports on demand (datasets and pyarrow, the model's transformers
+# module, bitsandbytes), the tokenizer, the tokenized data and the first batches. bench/s_peaks.py
+# measures that load for each run (its "loaded" column). CUDA's max_memory_allocated holds none.
+CPU_RUNTIME_BYTES = 128 * 2**20
+
+
+def overhead_bytes(subtotal: int, device: str) -> int:
+    """The framework overhead on ``subtotal`` counted bytes on ``device`` ("cuda" or "cpu")."""
+    share = int(FRAMEWORK_OVERHEAD.get(device, FRAMEWORK_OVERHEAD["cuda"]) * subtotal)
+    return share + (CPU_RUNTIME_BYTES if device == "cpu" else 0)
+
+
+def overhead_note(device: str) -> str:
+    share = f"{FRAMEWORK_OVERHEAD.get(device, FRAMEWORK_OVERHEAD['cuda']):.0%}"
+    loaded = (f" plus {CPU_RUNTIME_BYTES // 2**20} MiB that a CPU run's process loads (libraries, tokenizer, "
+              "data)" if device == "cpu" else "")
+    return f"framework overhead: {share} of the rest (allocator slack, backward temporaries){loaded}"
 @dataclass
 class Breakdown:
     """Bytes per category for one model and optimizer; ``rows()`` gives them in display order."""
@@ -71,7 +93,8 @@ class Breakdown:
                                        s["objective"], s["activation_checkpointing"], s["lean_loss"],
                                        self.adapters, s["device"])
         subtotal = self.weights + self.gradients + self.optimizer_states + self.weight_copies + activations
-        return dataclasses.replace(self, activations=activations, overhead=int(FRAMEWORK_OVERHEAD * subtotal),
+        return dataclasses.replace(self, activations=activations,
+                                   overhead=overhead_bytes(subtotal, s["device"]),
                                    settings={**s, "batch_size": batch_size})
 
     @property
@@ -153,6 +176,8 @@ def estimate(
         lr=1e-3, config=config, target_modules=choose_targets(model, "", model_plugin), objective=objective,
         grad_accum=grad_accum, max_grad_norm=0.0, world_size=world_size, parallel=parallel,
     )
+    if checkpointing:
+        check_checkpointing(model)  # as a run refuses it
     model = optimizer_plugin.prepare_model(cast_weights(model, dtype), settings)
 
     parameters = list(model.parameters())  # a tied weight appears once
@@ -195,7 +220,7 @@ def estimate(
         model=model_plugin.name, optimizer=optimizer_plugin.name,
         total_params=sum(p.numel() for p in parameters), trainable_params=sum(p.numel() for p in trainable),
         weights=weights, gradients=gradients, optimizer_states=int(state), weight_copies=copies,
-        activations=activations, overhead=int(FRAMEWORK_OVERHEAD * subtotal), state_source=state_source,
+        activations=activations, overhead=overhead_bytes(subtotal, device), state_source=state_source,
         per_layer=per_layer, notes=notes, model_config=getattr(model, "config", None), adapters=adapters,
         settings={"mode": mode, "objective": objective, "batch_size": batch_size, "max_length": max_length,
                   "dtype": dtype, "grad_accum": grad_accum, "optimizer_config": config,

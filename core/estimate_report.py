@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowmem.activations import ACTIVATION_FORMULA
-from lowmem.estimate import FRAMEWORK_OVERHEAD, Breakdown
+from lowmem.estimate import Breakdown, overhead_note
 from lowmem.text import format_bytes
 
 BATCH_SEARCH_LIMIT = 1 << 16  # --gpu-memory searches batch sizes up to this
@@ -14,9 +14,10 @@ def footnotes(results: dict[str, Breakdown | str]) -> list[str]:
         "weights: fp32 master weights (4 bytes/parameter; autocast computes in 16 bits), or bf16 with "
         "--dtype bf16-pure; gradients: one per trainable parameter (per-layer: the largest single one)",
         ACTIVATION_FORMULA,
-        f"framework overhead: {FRAMEWORK_OVERHEAD:.0%} of the rest (allocator slack, backward temporaries); "
-        "GiB = 2^30 bytes",
     ]
+    shown = [result for result in results.values() if isinstance(result, Breakdown)]
+    lines += [f"{overhead_note(device)}; GiB = 2^30 bytes"
+              for device in sorted({result.settings["device"] for result in shown}) or ["cuda"]]
     for name, result in results.items():
         if isinstance(result, Breakdown):
             lines += [f"{name}: {note}" for note in result.notes]
@@ -85,15 +86,21 @@ def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | st
     rows: list[dict[str, object]] = []
     for name, result in plain.items():
         other = recomputed[name]
-        if not isinstance(result, Breakdown) or not isinstance(other, Breakdown):
-            rows.append({"optimizer": name, "error": result if isinstance(result, str) else other})
+        if not isinstance(result, Breakdown):
+            rows.append({"optimizer": name, "error": result})
             continue
-        largest, largest_recomputed = largest_batch(result, device_bytes), largest_batch(other, device_bytes)
-        rows.append({"optimizer": name, "largest_batch": largest,
-                     "largest_batch_checkpointing": largest_recomputed,
-                     "fits_at_batch_1": largest > 0, "fits_at_batch_1_checkpointing": largest_recomputed > 0,
-                     "total_at_batch_1": result.at_batch(1).total,
-                     "total_at_batch_1_checkpointing": other.at_batch(1).total})
+        largest = largest_batch(result, device_bytes)
+        row: dict[str, object] = {"optimizer": name, "largest_batch": largest, "fits_at_batch_1": largest > 0,
+                                  "total_at_batch_1": result.at_batch(1).total}
+        if isinstance(other, Breakdown):
+            largest_recomputed = largest_batch(other, device_bytes)
+            row.update(largest_batch_checkpointing=largest_recomputed,
+                       fits_at_batch_1_checkpointing=largest_recomputed > 0,
+                       total_at_batch_1_checkpointing=other.at_batch(1).total)
+        else:  # the model cannot checkpoint: a run refuses it
+            row.update(largest_batch_checkpointing=None, fits_at_batch_1_checkpointing=None,
+                       total_at_batch_1_checkpointing=None, checkpointing_error=other)
+        rows.append(row)
     return rows
 
 
@@ -123,14 +130,20 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
         if "error" in row:
             table.add_row(str(row["optimizer"]), "n/a", "n/a", str(row["error"]))
             continue
-        cells = [_batch(row["largest_batch"]), _batch(row["largest_batch_checkpointing"])]
-        needed = format_bytes(int(row["total_at_batch_1_checkpointing"]))  # type: ignore[call-overload]
-        table.add_row(str(row["optimizer"]), *cells, "cannot fit" if not row["largest_batch_checkpointing"]
+        best = "" if "checkpointing_error" in row else "_checkpointing"  # the smallest run a user can make
+        cells = [_batch(row["largest_batch"]),
+                 "n/a" if "checkpointing_error" in row else _batch(row["largest_batch_checkpointing"])]
+        needed = format_bytes(int(row[f"total_at_batch_1{best}"]))  # type: ignore[call-overload]
+        table.add_row(str(row["optimizer"]), *cells, "cannot fit" if not row[f"largest_batch{best}"]
                       else f"needs {needed}")
     results_console().print(table)
-    results_console().print("* estimates include weights, gradients, optimizer states, activations and a 10% "
-                            "allowance; 0 = not even batch 1", markup=False, highlight=False)
-    if rows and not any(row.get("largest_batch_checkpointing") for row in rows) and first is not None:
+    results_console().print("* estimates include weights, gradients, optimizer states, activations and the "
+                            "framework overhead (lowmem estimate's table shows it); 0 = not even batch 1",
+                            markup=False, highlight=False)
+    for reason in sorted({str(row["checkpointing_error"]) for row in rows if "checkpointing_error" in row}):
+        results_console().print(f"* with checkpointing: n/a, {reason}", markup=False, highlight=False)
+    if rows and not any(row.get("largest_batch_checkpointing") or row.get("largest_batch") for row in rows) \
+            and first is not None:
         hints = [hint for hint, applies in (
             ("--dtype bf16-pure (bf16 weights, no fp32 master copy)", first.settings["dtype"] != "bf16-pure"),
             ("--per-layer (one gradient at a time)", not first.per_layer)) if applies]

@@ -23,7 +23,7 @@ from lowmem.precision import DTYPE_BYTES
 def per_process(breakdown: Any, model: Any, optimizer_plugin: Any, settings: Any, world_size: int) -> Any:
     """``breakdown`` (for one process holding everything) as one of ``world_size`` FSDP processes."""
     from lowmem.errors import ConfigError
-    from lowmem.estimate import FRAMEWORK_OVERHEAD
+    from lowmem.estimate import overhead_bytes
 
     if not optimizer_plugin.shards:
         raise ConfigError(f"optimizer {optimizer_plugin.name!r} does not support --parallel fsdp")
@@ -45,7 +45,7 @@ def per_process(breakdown: Any, model: Any, optimizer_plugin: Any, settings: Any
         notes.append(f"optimizer states: {replicated:,} bytes held whole by every process")
     return dataclasses.replace(
         breakdown, weights=weights, gradients=gradients, optimizer_states=states, weight_copies=gathered,
-        overhead=int(FRAMEWORK_OVERHEAD * subtotal), notes=notes,
+        overhead=overhead_bytes(subtotal, breakdown.settings["device"]), notes=notes,
         settings={**breakdown.settings, "parallel": "fsdp", "world_size": world_size})
 
 

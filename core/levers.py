@@ -12,15 +12,20 @@ def enable_checkpointing(model: Any) -> None:
     """The model's own gradient checkpointing, non-reentrant: it recomputes each block in
     backward with the RNG state of the forward, so losses are bitwise those of a run without it,
     and it needs no inputs that require grad (LoRA's frozen embeddings are fine)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        name = type(model).__name__
-        raise ConfigError(f"--activation-checkpointing: {name} does not support gradient checkpointing")
+    check_checkpointing(model)
     settings = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):  # transformers 5's name; the old one warns that it goes in v6
         enable(activation_checkpointing_kwargs=settings)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+
+
+def check_checkpointing(model: Any) -> None:
+    """Refuses a model without gradient checkpointing (a run, and an estimate of one)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        name = type(model).__name__
+        raise ConfigError(f"--activation-checkpointing: {name} does not support gradient checkpointing")
 
 
 def lean_loss_head(model: Any, objective: str, say: Any) -> tuple[Any, str, Any] | None:

@@ -132,3 +132,40 @@ def test_the_family_config_files_overlay_as_in_train(cli, tmp_path):
     assert refused.exit_code == 2 and "'rank' must be" in refused.output, refused.output
     missing = str(tmp_path / "none.json")
     assert cli("estimate", "--model", "tiny-llama", "--lora_config", missing).exit_code == 2
+
+
+def test_a_model_that_cannot_checkpoint_is_not_estimated_with_it(cli, plugins, tmp_path):
+    """A run refuses --activation-checkpointing on a model without gradient checkpointing, so
+    estimate refuses it too, and --gpu-memory shows only the batch without it."""
+    from tiny_plugin import tiny_model_classes
+
+    class NoCheckpointing(tiny_model_classes()[0]):
+        name = "tiny-no-checkpointing"
+
+        def build(self, request):
+            model = super().build(request)
+            model.supports_gradient_checkpointing = False
+            return model
+
+    class Models:
+        @lowmem.hookimpl
+        def register_models(self, register):
+            register(NoCheckpointing())
+
+    plugins(Models())
+    model = ["--model", "tiny-no-checkpointing"]
+    reason = "does not support gradient checkpointing"
+    run = cli("train", "--mode", "pretraining", *model, "--optimizer", "baseline", "--test", "true",
+              "--activation-checkpointing", "--output-dir", str(tmp_path / "run"))
+    assert run.exit_code == 2 and reason in run.output, run.output
+    refused = cli("estimate", *model, "--optimizer", "baseline", "--activation-checkpointing")
+    assert refused.exit_code == 2 and reason in refused.output, refused.output
+    for optimizers in ("baseline", "baseline,lora"):
+        result = cli("estimate", *model, "--optimizer", optimizers, "--gpu-memory", "64MiB",
+                     "--max_length", "64", "--json")
+        assert result.exit_code == 0, result.output
+        for row in json.loads(result.output)["optimizers"]:
+            assert row["largest_batch"] > 0 and row["largest_batch_checkpointing"] is None
+            assert reason in row["checkpointing_error"]
+    table = cli("estimate", *model, "--optimizer", "baseline", "--gpu-memory", "64MiB", "--max_length", "64")
+    assert table.exit_code == 0 and "with checkpointing: n/a, --activation-checkpointing" in table.output

@@ -162,6 +162,10 @@ def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int
             raise ConfigError(f"cannot resume: a step of the checkpoint took {before} sequences, with "
                               f"{world_size} process(es) it would take {after}; use {hint}")
         changed = [key for key in changed if key != "grad_accum"]
+    if saved.get("dtype") == "bf16-pure" and saved.get("bf16_rounding") != current.get("bf16_rounding"):
+        # Kahan's compensation is part of the saved optimizer state; another rounding would
+        # either carry it along unused or need one it never kept.
+        changed.append("bf16_rounding")
     if changed:
         details = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         raise ConfigError(f"cannot resume: the checkpoint was made with other settings ({details})")

@@ -191,6 +191,21 @@ def test_pure_bf16_run_counts_compensation_in_summary(cli, tmp_path):
     assert config["bf16_rounding"] == "kahan"
 
 
+def test_a_resume_keeps_the_rounding_of_its_checkpoint(cli, tmp_path):
+    """Kahan's compensation is saved with the optimizer state: resuming with another rounding is
+    refused in one line, and the run folder stays as it was."""
+    args = pretrain_args(tmp_path, "baseline", tokens=600, extra=("--max-steps", "2", "--save-every", "2"))
+    args[args.index("--dtype") + 1] = "bf16-pure"
+    assert cli(*args).exit_code == 0
+    before = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    for rounding in ("stochastic", "nearest"):
+        result = cli(*args, "--bf16-rounding", rounding, "--resume", "latest")
+        assert result.exit_code == 2, result.output
+        assert f"bf16_rounding: 'kahan' -> '{rounding}'" in result.output and "Traceback" not in result.output
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert cli(*args, "--bf16-rounding", "kahan", "--resume", "latest").exit_code == 0
+
+
 def test_bad_rounding_is_refused(cli, tmp_path):
     result = cli("train", "--model", "tiny-llama", "--dtype", "bf16-pure", "--bf16-rounding", "up",
                  "--output-dir", str(tmp_path / "r"))

@@ -71,7 +71,7 @@ def test_pure_bf16_update_matches_the_fp32_master_run(name):
 
 
 @pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
-@pytest.mark.parametrize("name", ["baseline", "galore"])
+@pytest.mark.parametrize("name", ["baseline", "galore", "galore8bit"])
 def test_weight_decay_changes_bf16_weights(name, rounding):
     """lr 1e-3 x decay 0.1 shrinks a weight by 1e-4 a step, 1/40 of bf16's spacing: rounded to
     nearest, nothing changes; kept, 100 steps shrink the weights by 1%. (Each element is still a
@@ -85,9 +85,9 @@ def test_weight_decay_changes_bf16_weights(name, rounding):
 
 
 def test_weight_decay_of_galore8bit_in_bf16():
-    """galore8bit skips a weight's update until its gradient is non-zero (its projection needs
-    one), so here decay is measured beside real gradients: how much smaller decay leaves the
-    weights, against the fp32 master run."""
+    """Decay beside real gradients (above: alone, where galore8bit's projection waits for a
+    non-zero gradient and only decays): how much smaller decay leaves the weights, against the
+    fp32 master run."""
     def shrink(dtype, rounding="kahan"):
         decayed, start = cumulative_update("galore8bit", dtype, rounding, weight_decay=0.1)
         plain, _ = cumulative_update("galore8bit", dtype, rounding)

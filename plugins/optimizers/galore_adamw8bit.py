@@ -88,7 +88,11 @@ class GaLoreAdamW8bit(ProjectorStateMixin, Optimizer2State):
             # An SVD of an all-zero gradient gives an arbitrary basis that would confine the
             # updates for update_proj_gap steps. LoRA's A factor has exactly zero gradient until
             # B leaves zero, so its projector (and its first step) waits for a real gradient.
+            # Decoupled weight decay does not wait: a zero gradient makes Adam's update zero, and
+            # GaLoreAdamW still decays the weight then.
             if not p.grad.any():
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
                 return
             state["projector"] = new_projector(group)
         low_rank_grad = state["projector"].project(p.grad, state.get("step", 0))

@@ -30,7 +30,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, chunk: int) -> torch.Tensor:
         valid = labels != IGNORE_INDEX
-        count = valid.sum().clamp(min=1)
+        count = valid.sum()  # none: 0/0, NaN, as the plain mean over no targets
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):

@@ -105,6 +105,14 @@ def test_lean_loss_equals_the_plain_loss_and_gradients(family):
         assert torch.allclose(parameter.grad, expected[name], rtol=1e-5, atol=1e-7), name
     assert model.get_output_embeddings() is head  # the head is back in place
 
+    # No target at all: the plain mean is 0/0, NaN, and so is the lean one (a run's non-finite
+    # check then treats both alike).
+    nothing = torch.full_like(labels, -100)
+    with hidden_states_out(parent, attribute):
+        hidden = model(input_ids=ids).logits
+    assert model(input_ids=ids, labels=nothing).loss.isnan()
+    assert chunked_causal_lm_loss(hidden, head, nothing, chunk=7).isnan()
+
 
 def test_lean_loss_trains_like_the_plain_loss(tiny_registry, tmp_path):
     plain = run(tiny_registry, tmp_path, "plain")

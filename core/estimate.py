@@ -43,13 +43,15 @@ from lowmem.rounding import compensation_bytes
 
 GENERIC_GUESS = "generic AdamW-like guess"
 # What training holds beyond the counted tensors, as a share of them: the allocator's slack and
-# backward's temporaries. On CUDA an allowance; on CPU set with CPU_RUNTIME_BYTES from the 58
-# measured peaks of bench/peaks.md.
+# backward's temporaries. On CUDA an allowance; on CPU set together with CPU_RUNTIME_BYTES from
+# bench/peaks.md's measured peaks (58 settings, two runs each: all within 0.91-1.08).
 FRAMEWORK_OVERHEAD = {"cuda": 0.10, "cpu": 0.05}
 # On CPU the peak is the process's resident set, which also keeps what a run loads before its
-# first step: the libraries it imports on demand (datasets and pyarrow, the model's transformers
-# module, bitsandbytes), the tokenizer, the tokenized data and the first batches. bench/s_peaks.py
-# measures that load for each run (its "loaded" column). CUDA's max_memory_allocated holds none.
+# first step and does not free: the libraries it imports on demand (datasets and pyarrow, the
+# model's transformers module, bitsandbytes), the tokenizer, the tokenized data and the first
+# batches. llama_60m's run holds 180-220 MiB of it above a bare `import lowmem` (55-104 MiB
+# above an idle that has the model's code imported: bench/peaks.md's "loaded" column), whatever
+# the model's size: a fixed term, not a share. CUDA's max_memory_allocated holds none of it.
 CPU_RUNTIME_BYTES = 128 * 2**20
 
 

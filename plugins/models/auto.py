@@ -101,24 +101,25 @@ class HFModel(lowmem.Model):
         return self.source
 
     def objective(self, mode: str, dataset_kind: str) -> str:
-        self.check_source()
+        self.required_source()
         if mode == "finetuning" and dataset_kind in CLASSIFICATION_KINDS:
             return lowmem.CLASSIFICATION
         return lowmem.MASKED_LM if is_encoder(self.hf) else lowmem.CAUSAL_LM
 
-    def check_source(self) -> None:
-        """The registered 'hf' entry itself (``--model hf``) has no model to describe."""
+    def required_source(self) -> str:
+        """The folder or hub id; the registered 'hf' entry itself (``--model hf``) has none."""
         if self.source is None:
             raise lowmem.ConfigError("model 'hf' needs a source: pass --model FOLDER or a hub id")
+        return self.source
 
     def config(self, request: lowmem.ModelRequest) -> Any:
         from transformers import AutoConfig
 
-        self.check_source()
+        source = self.required_source()
         invalid: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, OSError,
                                                 *config_check_errors())
         try:
-            config = AutoConfig.from_pretrained(self.source, trust_remote_code=request.trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=request.trust_remote_code)
         except invalid as exc:
             # transformers' checks of a config (an unknown model_type, a hidden size the heads do
             # not divide) are the user's input: one line, the reason first (a validation error

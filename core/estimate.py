@@ -62,10 +62,13 @@ def overhead_bytes(subtotal: int, device: str) -> int:
 
 
 def overhead_note(device: str) -> str:
+    """The footnote that says how ``overhead_bytes`` counts on ``device``."""
     share = f"{FRAMEWORK_OVERHEAD.get(device, FRAMEWORK_OVERHEAD['cuda']):.0%}"
     loaded = (f" plus {CPU_RUNTIME_BYTES // 2**20} MiB that a CPU run's process loads (libraries, tokenizer, "
               "data)" if device == "cpu" else "")
     return f"framework overhead: {share} of the rest (allocator slack, backward temporaries){loaded}"
+
+
 @dataclass
 class Breakdown:
     """Bytes per category for one model and optimizer; ``rows()`` gives them in display order."""

@@ -273,6 +273,8 @@ def test_workers_stop_when_their_launcher_is_killed(launch_env, tmp_path):
         time.sleep(0.5)
     output = log_file.read_text()
     assert not any(map(_running, workers)), output
-    assert output.count("the launcher is gone") == 2
+    # Each worker's watch polls once a second; the first to notice asks for the stop, and the
+    # step's all-reduce carries it to the other, which may stop before its own watch looks.
+    assert output.count("the launcher is gone") in (1, 2), output
     saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and not (tmp_path / "run" / "summary.json").exists()

@@ -176,7 +176,7 @@ def run_one(spec: dict) -> dict | None:
 
 
 def write_table(results: dict) -> None:
-    from lowmem.estimate import CPU_RUNTIME_BYTES, FRAMEWORK_OVERHEAD
+    from lowmem.estimate_overhead import CPU_RUNTIME_BYTES, FRAMEWORK_OVERHEAD
 
     rows = list(results.values())
     lines = [

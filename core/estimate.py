@@ -16,8 +16,7 @@ What lowmem's training loop holds, and so what is counted here:
 * autocast weight copies: under bf16/fp16 autocast every matmul weight is cast to 16 bits and
   the copy is saved for backward, so all of them are alive when backward starts.
 * activations: see ``activation_bytes``.
-* framework overhead: ``FRAMEWORK_OVERHEAD`` of everything above (allocator slack, the
-  activation gradients and temporaries of backward), plus on CPU ``CPU_RUNTIME_BYTES``.
+* framework overhead: see ``lowmem.estimate_overhead``.
 """
 
 from __future__ import annotations
@@ -36,39 +35,13 @@ from lowmem.activations import (
 )
 from lowmem.api import CLASSIFICATION, Model, ModelRequest, Optimizer, OptimizerSettings
 from lowmem.errors import ConfigError
+from lowmem.estimate_overhead import overhead_bytes
 from lowmem.levers import check_checkpointing
 from lowmem.modeling import choose_targets
 from lowmem.precision import DTYPE_BYTES, cast_weights, uses_autocast, weight_bytes_per_element
 from lowmem.rounding import compensation_bytes
 
 GENERIC_GUESS = "generic AdamW-like guess"
-# What training holds beyond the counted tensors, as a share of them: the allocator's slack and
-# backward's temporaries. On CUDA an allowance; on CPU set together with CPU_RUNTIME_BYTES from
-# bench/peaks.md's measured peaks (58 settings, two runs each: all within 0.91-1.08).
-FRAMEWORK_OVERHEAD = {"cuda": 0.10, "cpu": 0.05}
-# On CPU the peak is the process's resident set, which also keeps what a run loads before its
-# first step and does not free: the libraries it imports on demand (datasets and pyarrow, the
-# model's transformers module, bitsandbytes), the tokenizer, the tokenized data and the first
-# batches. llama_60m's run holds 180-220 MiB of it above a bare `import lowmem` (55-104 MiB
-# above an idle that has the model's code imported: bench/peaks.md's "loaded" column), whatever
-# the model's size: a fixed term, not a share. CUDA's max_memory_allocated holds none of it.
-CPU_RUNTIME_BYTES = 128 * 2**20
-
-
-def overhead_bytes(subtotal: int, device: str) -> int:
-    """The framework overhead on ``subtotal`` counted bytes on ``device`` ("cuda" or "cpu")."""
-    share = int(FRAMEWORK_OVERHEAD.get(device, FRAMEWORK_OVERHEAD["cuda"]) * subtotal)
-    return share + (CPU_RUNTIME_BYTES if device == "cpu" else 0)
-
-
-def overhead_note(device: str) -> str:
-    """The footnote that says how ``overhead_bytes`` counts on ``device``."""
-    share = f"{FRAMEWORK_OVERHEAD.get(device, FRAMEWORK_OVERHEAD['cuda']):.0%}"
-    loaded = (f" plus {CPU_RUNTIME_BYTES // 2**20} MiB that a CPU run's process loads (libraries, tokenizer, "
-              "data)" if device == "cpu" else "")
-    return f"framework overhead: {share} of the rest (allocator slack, backward temporaries){loaded}"
-
-
 @dataclass
 class Breakdown:
     """Bytes per category for one model and optimizer; ``rows()`` gives them in display order."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from lowmem.activations import ACTIVATION_FORMULA
-from lowmem.estimate import Breakdown, overhead_note
+from lowmem.estimate import Breakdown
+from lowmem.estimate_overhead import overhead_note
 from lowmem.text import format_bytes
 
 BATCH_SEARCH_LIMIT = 1 << 16  # --gpu-memory searches batch sizes up to this
@@ -130,11 +131,12 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
         if "error" in row:
             table.add_row(str(row["optimizer"]), "n/a", "n/a", str(row["error"]))
             continue
-        best = "" if "checkpointing_error" in row else "_checkpointing"  # the smallest run a user can make
+        checkpoints = "checkpointing_error" not in row
+        smallest = "_checkpointing" if checkpoints else ""  # the smallest run this model can make
         cells = [_batch(row["largest_batch"]),
-                 "n/a" if "checkpointing_error" in row else _batch(row["largest_batch_checkpointing"])]
-        needed = format_bytes(int(row[f"total_at_batch_1{best}"]))  # type: ignore[call-overload]
-        table.add_row(str(row["optimizer"]), *cells, "cannot fit" if not row[f"largest_batch{best}"]
+                 _batch(row["largest_batch_checkpointing"]) if checkpoints else "n/a"]
+        needed = format_bytes(int(row[f"total_at_batch_1{smallest}"]))  # type: ignore[call-overload]
+        table.add_row(str(row["optimizer"]), *cells, "cannot fit" if not row[f"largest_batch{smallest}"]
                       else f"needs {needed}")
     results_console().print(table)
     results_console().print("* estimates include weights, gradients, optimizer states, activations and the "

@@ -55,6 +55,10 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
     if config.bf16_rounding != default_of("bf16_rounding") and config.dtype not in ("bf16-pure", "auto"):
         say(f"note: --bf16-rounding applies to --dtype bf16-pure; with {config.dtype} it is not used")
     max_length = changes.get("max_length", config.max_length)
+    if max_length == default_of("max_length") > model.max_positions:  # the default, as estimate's
+        say(f"note: --max_length {max_length} (the default) is capped at {model.max_positions}, "
+            f"the context of model {model.name!r}")
+        max_length = changes["max_length"] = model.max_positions
     if max_length > model.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model.name!r} allows "
                           f"({model.max_positions} positions)")

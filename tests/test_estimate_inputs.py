@@ -47,6 +47,22 @@ def test_what_a_run_refuses_is_not_estimated(cli, args, reason):
     assert reason in found[args[1]]["error"]
 
 
+@pytest.mark.parametrize("optimizer", ["galore", "galore8bit"])
+def test_a_galore_rank_a_run_refuses_is_refused_with_the_same_line(cli, tmp_path, optimizer):
+    """tiny-llama's weights are 32 wide: rank 48 cannot project them (train refuses it)."""
+    settings = tmp_path / "rank.json"
+    settings.write_text(json.dumps({"rank": 48}))
+    reason = "'rank' 48 does not work for model.layers.0.self_attn.q_proj.weight (32x32)"
+    for extra in ([], ["--per-layer"]):
+        result = cli("estimate", "--model", "tiny-llama", "--optimizer", optimizer,
+                     "--optimizer-config", str(settings), *extra)
+        assert result.exit_code == 2 and reason in result.output and "Traceback" not in result.output
+    run = cli("train", "--mode", "pretraining", "--model", "tiny-llama", "--optimizer", optimizer,
+              "--optimizer-config", str(settings),
+              "--max-steps", "1", "--output-dir", str(tmp_path / "run"))
+    assert run.exit_code == 2 and reason in run.output
+
+
 def test_dtype_auto_is_estimated_as_a_run_resolves_it(cli):
     common = ["--model", "tiny-llama", "--optimizer", "baseline", "--device", "cuda"]
     auto, bf16 = (estimated(cli, *common, "--dtype", dtype) for dtype in ("auto", "bf16"))

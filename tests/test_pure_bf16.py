@@ -206,6 +206,24 @@ def test_a_resume_keeps_the_rounding_of_its_checkpoint(cli, tmp_path):
     assert cli(*args, "--bf16-rounding", "kahan", "--resume", "latest").exit_code == 0
 
 
+@pytest.mark.parametrize("optimizer", ["baseline", "lomo", "adalomo"])
+def test_a_stochastic_rounding_run_resumes_exactly(cli, tmp_path, optimizer):
+    """Stochastic rounding keeps a count per weight (it seeds the weight's noise) in the optimizer
+    state, also for the optimizers that step inside backward: a resume continues the same steps."""
+    from support_runs import interrupted_copy, resume_args, train_losses
+
+    args = pretrain_args(tmp_path, optimizer, tokens=768, extra=("--bf16-rounding", "stochastic",
+                                                                 "--save-every", "3", "--shuffle", "false"))
+    args[args.index("--dtype") + 1] = "bf16-pure"
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    resumed = interrupted_copy(tmp_path / "run", tmp_path / "resumed", step=3)
+    result = cli(*resume_args(args, resumed))
+    assert result.exit_code == 0, result.output
+    assert len(train_losses(resumed)) == 6
+    assert train_losses(resumed) == train_losses(tmp_path / "run")
+
+
 def test_bad_rounding_is_refused(cli, tmp_path):
     result = cli("train", "--model", "tiny-llama", "--dtype", "bf16-pure", "--bf16-rounding", "up",
                  "--output-dir", str(tmp_path / "r"))

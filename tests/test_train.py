@@ -193,3 +193,17 @@ def test_pure_bf16_weights(cli, tmp_path, optimizer):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["param_bytes"] == 2 * summary["total_params"]
     assert_loss_falls(tmp_path / "run")
+
+
+def test_the_default_max_length_is_capped_at_a_shorter_context(cli, tmp_path):
+    """tiny-llama has 128 positions: the default 512 becomes 128 (as estimate takes it), with a
+    note; a length asked for beyond the context is refused."""
+    common = ("train", "--mode", "pretraining", "--model", "tiny-llama", "--optimizer", "baseline",
+              "--max-steps", "1", "--eval-batches", "1", "--batch_size", "2")
+    result = cli(*common, "--output-dir", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert "is capped at 128" in result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["max_length"] == 128
+    refused = cli(*common, "--max_length", "129", "--output-dir", str(tmp_path / "long"))
+    assert refused.exit_code == 2 and "longer than model 'tiny-llama' allows" in refused.output
+    assert not (tmp_path / "long").exists()

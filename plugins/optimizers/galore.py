@@ -140,8 +140,9 @@ class GaLore(lowmem.Optimizer):
         return replicated_state_bytes(model, projected, self.with_rank(model, settings, projected))
 
     def state_bytes(self, model, settings):
-        from lowmem.plugins.optimizers.galore_common import galore_state_bytes
+        from lowmem.plugins.optimizers.galore_common import check_rank, galore_state_bytes
 
         projected = self.projected_weights(model, settings)
         config = self.with_rank(model, settings, projected)
+        check_rank(projected, config["rank"], config["proj_type"])  # what build refuses, estimate does too
         return galore_state_bytes(model, projected, config, min_8bit_size=config.get("min_8bit_size"))

@@ -166,7 +166,9 @@ class LomoInBackward(torch.optim.Optimizer, GradientTally):
         # Each tensor keeps its saved dtype (fp32 statistics of a bf16 weight stay fp32).
         for index, saved in state_dict["state"].items():
             p = self.parameters_in_order[int(index)]
-            self.state[p] = {key: value.to(device=p.device, copy=True) for key, value in saved.items()}
+            # Not only tensors: lowmem.rounding adds a count of stochastic roundings (an int).
+            self.state[p] = {key: value.to(device=p.device, copy=True) if hasattr(value, "to") else value
+                             for key, value in saved.items()}
         self.steps = state_dict["steps"]
         self.micro_batches = list(state_dict["micro_batches"])
         self.window_updated = False

@@ -79,7 +79,7 @@ def estimate(
     bf16_rounding: Annotated[str, Opt("--bf16-rounding", callback=choice(BF16_ROUNDINGS),
                                       help="With --dtype bf16-pure: kahan, stochastic or nearest")] = "kahan",
     device: Annotated[str, Opt("--device", callback=choice(DEVICES), help=(
-        "cuda or cpu (auto: cuda with --gpu-memory or --device-memory, or where CUDA is present)"))] = "auto",
+        "The run's device: cuda (auto, the default: a GPU run, on any machine) or cpu"))] = "auto",
 ) -> None:
     """Estimate the memory training MODEL takes with each optimizer, without training (meta device).
 
@@ -98,9 +98,9 @@ def estimate(
 
             asked = parse_optimizer_list(optimizer)  # checked by optimizer_list already
         if device == "auto":
-            import torch
-
-            device = "cuda" if gpu_memory or device_memory or torch.cuda.is_available() else "cpu"
+            # A GPU run wherever the estimate is made: "what fits" is a GPU's question, and one
+            # default keeps a plain estimate and the --gpu-memory search the same sum.
+            device = "cuda"
         options: dict[str, Any] = dict(mode=mode, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                        per_layer=per_layer, grad_accum=grad_accum,
                                        optimizer_config_file=optimizer_config, lora_config_file=lora_config,

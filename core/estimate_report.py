@@ -113,18 +113,22 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
     rows = fits(plain, recomputed, device_bytes)
     first = next((r for r in plain.values() if isinstance(r, Breakdown)), None)
     length = first.settings["max_length"] if first else 0
+    device, dtype = (first.settings["device"], first.settings["dtype"]) if first else ("", "")
+    # What the estimates say about the settings (a lever not used, --dtype auto's choice), once.
+    notes = list(dict.fromkeys(note for r in plain.values() if isinstance(r, Breakdown) for note in r.notes))
     if as_json:
         # A largest batch equal to the search limit means "at least that".
-        print(json.dumps({"device_memory": device_bytes, "max_length": length,
-                          "batch_search_limit": BATCH_SEARCH_LIMIT, "optimizers": rows}, indent=2))
+        print(json.dumps({"device_memory": device_bytes, "device": device, "dtype": dtype, "max_length": length,
+                          "batch_search_limit": BATCH_SEARCH_LIMIT, "optimizers": rows, "notes": notes},
+                         indent=2))
         return
     from rich.table import Table
 
     from lowmem.progress import results_console
 
     model = first.model if first else ""
-    table = Table(title=f"what fits in {format_bytes(device_bytes)}: {model}, batches of {length} tokens, "
-                        f"{first.settings['dtype'] if first else ''}")
+    table = Table(title=f"what fits in {format_bytes(device_bytes)} of {device} memory: {model}, batches of "
+                        f"{length} tokens, {dtype}")
     for column in ("optimizer", "largest batch", "with checkpointing", "at batch 1"):
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for row in rows:
@@ -140,8 +144,11 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
                       else f"needs {needed}")
     results_console().print(table)
     results_console().print("* estimates include weights, gradients, optimizer states, activations and the "
-                            "framework overhead (lowmem estimate's table shows it); 0 = not even batch 1",
+                            "framework overhead (lowmem estimate's table shows it); 0 = not even batch 1; at batch 1: "
+                            "the smallest run, with checkpointing where the model can",
                             markup=False, highlight=False)
+    for note in notes:
+        results_console().print(f"* {note}", markup=False, highlight=False)
     for reason in sorted({str(row["checkpointing_error"]) for row in rows if "checkpointing_error" in row}):
         results_console().print(f"* with checkpointing: n/a, {reason}", markup=False, highlight=False)
     if rows and not any(row.get("largest_batch_checkpointing") or row.get("largest_batch") for row in rows) \

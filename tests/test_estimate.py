@@ -258,6 +258,22 @@ def test_gpu_memory_picks_the_largest_batch_the_estimate_says_fits(cli, tiny_reg
     assert row["fits_at_batch_1"] is row["fits_at_batch_1_checkpointing"] is True
 
 
+@pytest.mark.parametrize("optimizer", ["baseline", "lora"])
+def test_a_plain_estimate_agrees_with_the_batch_gpu_memory_picks(cli, optimizer):
+    """Both default to a GPU run on any machine (LoRA's CPU estimate differs): the batch the
+    search picks fits by the plain estimate, and the next one does not."""
+    common = ("estimate", "--model", "tiny-llama", "--optimizer", optimizer, "--max-length", "64", "--json")
+    found = json.loads(cli(*common, "--gpu-memory", "64MiB").output)
+    assert found["device"] == "cuda" and found["dtype"] == "bf16" and found["notes"] == []
+    batch = found["optimizers"][0]["largest_batch"]
+    totals = []
+    for size in (batch, batch + 1):
+        row = json.loads(cli(*common, "--batch_size", str(size)).output)[optimizer]
+        assert row["settings"]["device"] == "cuda"
+        totals.append(row["total"])
+    assert totals[0] <= 64 * 2**20 < totals[1]
+
+
 def test_gpu_memory_answers_for_the_optimizers_given(cli):
     args = ("estimate", "--model", "tiny-llama", "--max-length", "64", "--gpu-memory", "64MiB", "--json")
     result = cli(*args, "--optimizer", "lora, galore8bit")

@@ -118,9 +118,9 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
     notes = list(dict.fromkeys(note for r in plain.values() if isinstance(r, Breakdown) for note in r.notes))
     if as_json:
         # A largest batch equal to the search limit means "at least that".
-        print(json.dumps({"device_memory": device_bytes, "device": device, "dtype": dtype, "max_length": length,
-                          "batch_search_limit": BATCH_SEARCH_LIMIT, "optimizers": rows, "notes": notes},
-                         indent=2))
+        print(json.dumps({"device_memory": device_bytes, "device": device, "dtype": dtype,
+                          "max_length": length, "batch_search_limit": BATCH_SEARCH_LIMIT,
+                          "optimizers": rows, "notes": notes}, indent=2))
         return
     from rich.table import Table
 
@@ -144,8 +144,8 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
                       else f"needs {needed}")
     results_console().print(table)
     results_console().print("* estimates include weights, gradients, optimizer states, activations and the "
-                            "framework overhead (lowmem estimate's table shows it); 0 = not even batch 1; at batch 1: "
-                            "the smallest run, with checkpointing where the model can",
+                            "framework overhead (lowmem estimate's table shows it); 0 = not even batch 1; "
+                            "at batch 1: the smallest run, with checkpointing where the model can",
                             markup=False, highlight=False)
     for note in notes:
         results_console().print(f"* {note}", markup=False, highlight=False)

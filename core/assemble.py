@@ -204,6 +204,10 @@ def assemble(config: TrainConfig, registry: Registry, dist: DistContext, say) ->
     steps_in_backward = bool(getattr(optimizer, "steps_in_backward", False))
     if not steps_in_backward:  # bf16-pure: updates in fp32 with compensation, whoever built it
         compensated(optimizer, config.bf16_rounding)
+    if steps_in_backward and sharded and hasattr(optimizer, "agree_on_every_weight"):
+        # Its FSDP processes may each skip the rest of a step on their own slices of a non-finite
+        # gradient only when that step ends the run; a skipped step that goes on needs them agreed.
+        optimizer.agree_on_every_weight = config.on_nonfinite == "skip"
     if steps_in_backward and config.max_grad_norm:
         raise ConfigError(f"optimizer {config.optimizer!r} updates inside backward, so it cannot clip by the "
                           "global gradient norm; pass --max-grad-norm 0 or leave it unset")

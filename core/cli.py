@@ -56,6 +56,10 @@ def train(**options: Any) -> None:
     nproc = options.pop("nproc")
     config = config_from_options(options)
     with exit_on_error():
+        if nproc == 1:  # accelerate launch --num_processes N may start one process: it starts the N
+            from lowmem.distributed import processes_to_start
+
+            nproc = processes_to_start(dict(os.environ))
         if nproc > 1:
             from lowmem.launch import launch_torchrun
             from lowmem.resolve import resolve_config

@@ -217,7 +217,7 @@ TRAIN_OPTIONS = (
                 positive_int),
     TrainOption("per_layer", ("--per-layer", "--per_layer"), bool,
                 "Update each weight during backward as its gradient is ready (optimizers with a "
-                "per_layer setting: galore, galore8bit, lora+galore8bit)"),
+                "per_layer setting; the others refuse it in one line)"),
     TrainOption("parallel", ("--parallel",), str, "ddp (a full model per process) or fsdp (weights, "
                 "gradients and optimizer states sharded over the processes)", choice(CHOICES["parallel"])),
     TrainOption("max_grad_norm", ("--max-grad-norm", "--max_grad_norm"), float | None,

@@ -44,7 +44,7 @@ class DistContext:
         process when several were asked for (accelerate's --cpu without MPI does that)."""
         world = int(environ.get("WORLD_SIZE", "1"))
         expected = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", "0") or 0)
-        asked = expected or _accelerate_single_process_ask(environ)
+        asked = expected or accelerate_single_process_ask(environ)
         if asked > 1 and world != asked:
             raise ConfigError(
                 f"{asked} processes were asked for but this one sees "
@@ -207,7 +207,21 @@ class DistContext:
                 gc.collect()
 
 
-def _accelerate_single_process_ask(environ: dict[str, str]) -> int:
+def processes_to_start(environ: dict[str, str]) -> int:
+    """``lowmem train`` under an ``accelerate launch`` that started one process where it was asked
+    for N on this one machine: N, which lowmem then starts itself (as with ``--nproc N``); else 1."""
+    asked = accelerate_single_process_ask(environ)
+    if asked <= 1:
+        return 1
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):
+        return 1
+    machines = _option(argv, "num_machines")
+    return asked if machines in (None, "1") else 1  # several machines: refused by from_launcher
+
+
+def accelerate_single_process_ask(environ: dict[str, str]) -> int:
     """Processes asked of ``accelerate launch`` when it used its single-process launcher.
 
     Without a GPU (or with --cpu) and without MPI, accelerate starts the script once and exports

@@ -159,17 +159,20 @@ def test_updating_in_backward_before_the_reduction_is_refused_in_one_line(launch
 
 
 @pytest.mark.slow
-def test_accelerate_cpu_single_process_launch_is_refused(launch_env, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` without MPI starts the script once."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_accelerate_single_process_launch_starts_the_processes_asked_for(launch_env, tmp_path, parallel):
+    """`accelerate launch --num_processes 2` without a GPU (or with --cpu) and without MPI starts
+    the script once, with no world size: lowmem starts the two processes itself (torchrun)."""
     pytest.importorskip("accelerate")
     env = {**launch_env, "HF_HOME": str(tmp_path / "hf")}  # no accelerate config file
     result = launch(env, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lowmem",
-                    *pretrain_args(tmp_path, "baseline", tokens=512),
+                    *pretrain_args(tmp_path, "baseline", tokens=512, extra=["--parallel", parallel]),
                     launcher=("-m", "accelerate.commands.accelerate_cli"))
-    assert result.returncode != 0
-    assert "2 processes were asked for" in result.stderr and "torchrun" in result.stderr
-    assert not (tmp_path / "run").exists()
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["parallel"] == parallel
+    assert len(json.loads((tmp_path / "run" / "summary.json").read_text())["per_process"]) == 2
 
 
 # -- the launcher checks, without launching ------------------------------------------------------

@@ -41,6 +41,11 @@ def test_optimizers_that_do_not_shard_have_no_sharded_estimate(cli):
     result = cli("estimate", "--model", "llama_60m", "--optimizer", "adafactor", "--parallel", "fsdp",
                  "--nproc", "2")
     assert result.exit_code == 2 and "does not support --parallel fsdp" in result.output
+    # Said first, before any setting of the optimizer's own could fail, and on one process too.
+    for nproc in ("2", "1"):
+        result = cli("estimate", "--model", "llama_60m", "--optimizer", "apollo", "--parallel", "fsdp",
+                     "--nproc", nproc)
+        assert result.exit_code == 2 and "does not support --parallel fsdp" in result.output, result.output
     every = cli("estimate", "--model", "llama_60m", "--all", "--parallel", "fsdp", "--nproc", "2", "--json")
     assert every.exit_code == 0, every.output
     found = json.loads(every.output)

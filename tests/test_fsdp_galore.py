@@ -206,3 +206,64 @@ def test_per_layer_galore_on_two_processes_equals_one_process(cli, launch_env, t
                                                  resumed), "--nproc", "2")
         assert result.returncode == 0, result.stdout + result.stderr
         assert train_losses(resumed) == train_losses(tmp_path / "two")
+
+
+def _per_layer_worker(rank: int, init_file: str, outcome: str) -> None:
+    """Per-layer GaLore on FSDP slices: the collectives each backward makes besides FSDP's own,
+    by kind, with each process deciding alone on a non-finite slice (the default: a non-finite
+    step stops the run) and agreeing on every weight (a skipped step goes on)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import lowmem
+    from lowmem.registry import load_registry
+    from lowmem.sharding import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    found = {}
+    for agree in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+        whole = copy.deepcopy(model)
+        plugin = load_registry("").optimizer("galore")
+        config = {**plugin.default_config, "rank": 4, "update_proj_gap": 3, "scale": 1.0, "per_layer": True}
+        settings = lowmem.OptimizerSettings(lr=1e-2, weight_decay=0.01, config=config,
+                                            target_modules=("0", "2"), world_size=2, parallel="fsdp")
+        shard_model(model, "fp32", torch.device("cpu"), dict(plugin.shard_dims(model, settings)))
+        sharded, reference = plugin.build(model, settings), plugin.build(whole, settings)
+        sharded.agree_on_every_weight = agree
+        counts = []
+        for step in range(5):
+            inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+            whole(inputs).pow(2).mean().backward()  # steps the whole model's weights in backward
+            with CommDebugMode() as comm:
+                model(inputs[4 * rank:4 * rank + 4]).pow(2).mean().backward()
+            kinds = {str(op).lower(): n for op, n in comm.get_comm_counts().items()}
+            counts.append({kind: sum(n for op, n in kinds.items() if kind in op.replace("_", ""))
+                           for kind in ("allreduce", "broadcast")})
+            sharded.zero_grad()
+            reference.zero_grad()
+        gathered = {name: p.full_tensor() for name, p in model.named_parameters()}
+        difference = max((gathered[n] - p).abs().max().item() for n, p in whole.named_parameters())
+        found[str(agree)] = {"counts": counts, "difference": difference}
+    Path(f"{outcome}.{rank}").write_text(json.dumps(found))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_per_layer_galore_on_slices_talks_only_on_refresh_steps(tmp_path):
+    outcome = tmp_path / "outcome"
+    run_workers(_per_layer_worker, (str(tmp_path / "init"), str(outcome)))
+    for rank in (0, 1):
+        result = json.loads(Path(f"{outcome}.{rank}").read_text())
+        alone, agreeing = result["False"], result["True"]
+        # Refreshes at steps 0 and 3: per projected weight one broadcast of its factor and one
+        # all-reduce agreeing that its gradient is finite; nothing in between.
+        refresh, quiet = {"allreduce": 2, "broadcast": 2}, {"allreduce": 0, "broadcast": 0}
+        assert alone["counts"] == [refresh, quiet, quiet, refresh, quiet]
+        # Agreeing on every weight: one all-reduce per parameter (two weights, two biases).
+        assert [c["allreduce"] for c in agreeing["counts"]] == [4] * 5
+        assert alone["difference"] < 1e-6 and agreeing["difference"] < 1e-6

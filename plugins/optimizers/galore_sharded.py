@@ -172,7 +172,26 @@ def on_local_shards(cls: type) -> type:
             return inner(self, closure)
 
     cls.step = step  # type: ignore[attr-defined]
+    cls.step_communicates = step_communicates  # type: ignore[attr-defined]
     return cls
+
+
+def step_communicates(optimizer: Any, param: Any) -> bool:
+    """Whether ``optimizer``'s next step of ``param`` makes a collective: only a sliced projected
+    weight's, on a step that refreshes its projection, or while (8-bit GaLore) its projector
+    waits for a first non-zero gradient. (Per-layer updates ask, to agree on a non-finite
+    gradient only where they must: ``per_layer``.)"""
+    if not is_dtensor(param):
+        return False
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None or "rank" not in group:
+        return False
+    state = optimizer.state.get(param, {})
+    projector = state.get("projector")
+    if projector is None or getattr(projector, "ortho_matrix", None) is None:
+        return True
+    # galore_torch's test: a refresh when the step count before this step is a multiple of the gap.
+    return int(state.get("step", 0)) % projector.update_proj_gap == 0
 
 
 @contextmanager

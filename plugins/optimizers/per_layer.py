@@ -59,18 +59,13 @@ def drop_gradients(params: list[torch.Tensor], set_to_none: bool) -> None:
                 p.grad.detach_().zero_()
 
 
-def is_finite(square: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether a gradient (``square``: its squared norm, of this process's slice under FSDP) is
-    finite: one host read per weight. FSDP processes decide together, on the whole gradient: a
-    GaLore refresh in the step that follows is a collective that all of them must join."""
-    finite = torch.isfinite(square)
-    if hasattr(grad, "device_mesh"):
-        import torch.distributed as dist
+def agreed(finite: bool, grad: Any) -> bool:
+    """Whether every FSDP process holding a slice of ``grad`` says ``finite`` (one collective)."""
+    import torch.distributed as dist
 
-        flag = finite.to(torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
-        return bool(flag.item())
-    return bool(finite.item())
+    flag = torch.tensor([float(finite)], device=grad.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
+    return bool(flag.item())
 
 
 class PerLayerOptimizer(torch.optim.Optimizer, GradientTally):
@@ -102,6 +97,8 @@ class PerLayerOptimizer(torch.optim.Optimizer, GradientTally):
         self.micro_batches = [0] * len(params)
         self.norm_squared: torch.Tensor | None = None  # of the gradients stepped on since zero_grad
         self.nonfinite = False  # a gradient of this window was inf/NaN: no weight steps until zero_grad
+        # Under FSDP: decide on every weight together (set by lowmem when a skipped step goes on).
+        self.agree_on_every_weight = True
         GradientTally.__init__(self)  # under DDP its buckets hold every gradient anyway
         self.hooks = [
             p.register_post_accumulate_grad_hook(self._hook_for(index)) for index, p in enumerate(params)
@@ -127,7 +124,7 @@ class PerLayerOptimizer(torch.optim.Optimizer, GradientTally):
                 self.gradient_released(grad)
             square = local(grad).detach().float().pow(2).sum()  # of this process's slice under FSDP
             self.norm_squared = square if self.norm_squared is None else self.norm_squared + square
-            if self.nonfinite or not is_finite(square, grad):
+            if not self._may_step(index, param, square):
                 # The non-finite check a normal step makes on the global norm, made weight by
                 # weight: an inf/NaN gradient reaches no weight and no state, and nothing after
                 # it in this step is updated either (the loop then stops or skips the step).
@@ -136,6 +133,24 @@ class PerLayerOptimizer(torch.optim.Optimizer, GradientTally):
                 return
         self.inner_optimizers[index].step()
         param.grad = None  # the whole point: this gradient is not kept until the end
+
+    def _may_step(self, index: int, param: torch.Tensor, square: torch.Tensor) -> bool:
+        """Whether ``param`` steps: its gradient (``square``, the squared norm of this process's
+        slice) and every one before it in this step finite; one host read per weight.
+
+        Under FSDP each process sees its slices only. They decide together (one collective)
+        where they must: before a step that makes a collective itself (a GaLore refresh, which
+        all of them join or none), and for every weight when a skipped step lets the run go on
+        (``agree_on_every_weight``: their states must not part). Otherwise each decides alone and
+        the step's summed norm tells them all; the run then stops before anything is saved."""
+        finite = not self.nonfinite and bool(torch.isfinite(square).item())
+        grad = param.grad
+        if not hasattr(grad, "device_mesh"):
+            return finite
+        communicates = getattr(self.inner_optimizers[index], "step_communicates", None)
+        if self.agree_on_every_weight or communicates is None or communicates(param):
+            return agreed(finite, grad)
+        return finite
 
     def grad_norm_squared(self) -> torch.Tensor | None:
         """The squared norm of the gradients this process stepped on since ``zero_grad`` (its

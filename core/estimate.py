@@ -145,7 +145,7 @@ def estimate(
         config["per_layer"] = True
     optimizer_plugin.check_config(config)
     per_layer = bool(config.get("per_layer", False))
-    check_combination(dtype, per_layer, parallel, bf16_rounding)
+    check_combination(dtype, per_layer)
     if parallel == "fsdp" and not optimizer_plugin.shards:  # first, as a run says it
         raise ConfigError(f"optimizer {optimizer_plugin.name!r} does not support --parallel fsdp")
     model = model_plugin.build(ModelRequest(
@@ -286,11 +286,8 @@ def resolve_auto_dtype(device: str) -> tuple[str, str]:
     return chosen, f"--dtype auto: estimated as {chosen}, what this machine's CPU picks"
 
 
-def check_combination(dtype: str, per_layer: bool, parallel: str, bf16_rounding: str) -> None:
+def check_combination(dtype: str, per_layer: bool) -> None:
     """What a run refuses before it starts, refused here too: no estimate for a run that cannot be."""
-    from lowmem.resolve import check_sharded_rounding
-
-    check_sharded_rounding(parallel, dtype, bf16_rounding)
     if per_layer and dtype == "fp16":
         raise ConfigError("per-layer updates happen inside backward, where fp16 loss scaling cannot unscale "
                           "first; use --dtype bf16 or fp32")

@@ -105,19 +105,9 @@ def check_values(config: TrainConfig) -> None:
     if config.compile and config.lean_loss:
         raise ConfigError("--lean-loss and --compile do not combine: the lean loss swaps the output layer "
                           "for each forward, which a compiled graph cannot follow; choose one")
-    check_sharded_rounding(config.parallel, config.dtype, config.bf16_rounding)
     for target in config.report_to:
         if target not in REPORTERS:
             raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")
-
-
-def check_sharded_rounding(parallel: str, dtype: str, bf16_rounding: str) -> None:
-    if parallel == "fsdp" and dtype == "bf16-pure" and bf16_rounding != "nearest":
-        # FSDP's sharded weights (DTensors) keep their local storage's dtype whatever the
-        # parameter is given, so lowmem cannot update their slices in fp32 (lowmem.rounding).
-        raise ConfigError("--dtype bf16-pure with --parallel fsdp rounds updates to nearest: pass "
-                          "--bf16-rounding nearest, or use --dtype bf16 (FSDP keeps fp32 slices, 4 bytes "
-                          "per weight divided by the process count)")
 
 
 def resolve_dataset(config: TrainConfig, registry: Registry) -> tuple[str, str | None]:

@@ -31,8 +31,6 @@ def test_the_lean_loss_is_counted_only_where_a_run_uses_it(cli, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "reason"), [
-    (["--optimizer", "galore", "--nproc", "2", "--parallel", "fsdp", "--dtype", "bf16-pure"],
-     "pass --bf16-rounding nearest"),
     (["--optimizer", "galore8bit", "--per-layer", "--dtype", "fp16"], "fp16 loss scaling cannot unscale"),
     (["--optimizer", "lomo", "--nproc", "2"], "before DDP averages the gradients"),
 ])

@@ -238,12 +238,25 @@ def sharded_pure_bf16_args(tmp_path) -> list[str]:
     return args
 
 
-def test_sharded_pure_bf16_without_nearest_is_refused(cli, tmp_path):
-    """FSDP's sliced weights cannot be updated in fp32 in place: kahan/stochastic are refused in
-    one line, before anything is written."""
-    refused = cli(*sharded_pure_bf16_args(tmp_path))
-    assert refused.exit_code == 2 and "--bf16-rounding nearest" in refused.output
-    assert not (tmp_path / "sharded").exists()
+def test_sharded_pure_bf16_keeps_small_updates_as_one_process(launch_env, tmp_path):
+    """FSDP slices of bf16 weights update in fp32 like whole ones: with Kahan compensation (its
+    state sliced like the weights) two processes take one process's steps exactly."""
+    from support_runs import launch, train_losses
+
+    args = sharded_pure_bf16_args(tmp_path)
+    result = launch(launch_env, *args, "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    one = [*args, "--grad-accum", "2"]
+    one[one.index("--output-dir") + 1] = str(tmp_path / "one")
+    one = [arg for arg in one if arg not in ("--parallel", "fsdp")]
+    result = launch(launch_env, *one)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert train_losses(tmp_path / "sharded") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    summary = json.loads((tmp_path / "sharded" / "summary.json").read_text())
+    whole = json.loads((tmp_path / "one" / "summary.json").read_text())
+    # Each process holds half of each compensation with its moments; the projections are whole.
+    held, one = summary["optimizer_state_bytes"], whole["optimizer_state_bytes"]
+    assert summary["world_optimizer_state_bytes"] > one and one / 2 < held < 0.6 * one
 
 
 @pytest.mark.slow  # two processes, ~12 s

@@ -47,6 +47,9 @@ def estimate(
         "One optimizer, or several comma-separated (default: all, side by side)"))] = None,
     all_optimizers: Annotated[bool, Opt("--all", help="Every registered optimizer side by side")] = False,
     mode: Annotated[str, Opt("--mode", callback=choice(MODES))] = "pretraining",
+    dataset: Annotated[str | None, Opt("--dataset", help=(
+        "As train's: a registered dataset or a folder/file of your data; its layout decides what "
+        "the model is trained for (default: the mode's dataset)"))] = None,
     batch_size: Annotated[int, Opt("--batch_size", "--batch-size", callback=positive_int)] = 1,
     max_length: Annotated[int | None, Opt("--max_length", "--max-length", callback=positive_int, help=(
         f"Tokens per sequence (default: train's, {default_of('max_length')}, or the model's context "
@@ -106,7 +109,7 @@ def estimate(
                                        optimizer_config_file=optimizer_config, lora_config_file=lora_config,
                                        galore_config_file=galore_config, lean_loss=lean_loss,
                                        world_size=nproc, parallel=parallel, bf16_rounding=bf16_rounding,
-                                       device=device)
+                                       device=device, dataset=dataset)
         if gpu_memory is not None:
             from lowmem.estimate_report import print_fits
 

@@ -221,7 +221,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
                   galore_config_file: Any = None, checkpointing: bool = False,
                   lean_loss: bool = False, world_size: int = 1,
                   parallel: str = "ddp", bf16_rounding: str = "kahan",
-                  device: str = "cuda") -> dict[str, Breakdown | str]:
+                  device: str = "cuda", dataset: str | None = None) -> dict[str, Breakdown | str]:
     """``estimate`` for one optimizer, a list of them, or (``optimizer`` None) every registered
     one; among several, an optimizer that cannot apply (no per-layer mode, say) maps to its
     reason instead of a Breakdown. Unknown names are errors. ``max_length`` None: train's
@@ -240,8 +240,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
     if max_length > model_plugin.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows "
                           f"({model_plugin.max_positions} positions)")
-    dataset = registry.dataset(registry.default_dataset(mode))
-    objective = model_plugin.objective(mode, dataset.kind)
+    objective = model_plugin.objective(mode, dataset_kind_for(registry, dataset, mode))
     names = [optimizer] if isinstance(optimizer, str) else optimizer or sorted(registry.optimizers)
     plugins = {name: registry.optimizer(name) for name in names}  # unknown names fail first
     results: dict[str, Breakdown | str] = {}
@@ -284,6 +283,17 @@ def resolve_auto_dtype(device: str) -> tuple[str, str]:
 
     chosen = choose_dtype("auto", torch.device("cpu"))
     return chosen, f"--dtype auto: estimated as {chosen}, what this machine's CPU picks"
+
+
+def dataset_kind_for(registry: Any, dataset: str | None, mode: str) -> str:
+    """The kind of data a run with ``--dataset`` (default: the mode's) trains on, as train finds it
+    (a folder of the user's files is read for its layout): it decides the model's objective."""
+    from lowmem.resolve import dataset_choice
+
+    name, source = dataset_choice(dataset or registry.default_dataset(mode), None, registry)
+    plugin = registry.dataset(name)
+    with registry.guard(plugin, "kind_of"):
+        return str(plugin.kind_of(source))
 
 
 def check_combination(dtype: str, per_layer: bool) -> None:

@@ -111,11 +111,16 @@ def check_values(config: TrainConfig) -> None:
 
 
 def resolve_dataset(config: TrainConfig, registry: Registry) -> tuple[str, str | None]:
-    """A registered name, else an existing local path (the ``files`` dataset), else a hub id."""
-    name = config.dataset or registry.default_dataset(config.mode)
+    return dataset_choice(config.dataset or registry.default_dataset(config.mode), config.dataset_source,
+                          registry)
+
+
+def dataset_choice(name: str, source: str | None, registry: Registry) -> tuple[str, str | None]:
+    """(dataset plugin, source) for ``--dataset name``: a registered name, else an existing local
+    path (the ``files`` dataset), else a hub id."""
     if name in registry.datasets:
         registry.dataset(name)  # raises on a name two plugins claim
-        return name, config.dataset_source  # a resolved config keeps its source
+        return name, source  # a resolved config keeps its source
     family, _, rest = name.partition("/")
     if rest and family in registry.datasets and registry.dataset(family).takes_source:
         return family, rest  # glue/mrpc: the glue dataset, task mrpc

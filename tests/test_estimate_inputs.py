@@ -61,6 +61,26 @@ def test_a_galore_rank_a_run_refuses_is_refused_with_the_same_line(cli, tmp_path
     assert run.exit_code == 2 and reason in run.output
 
 
+def test_the_dataset_decides_what_a_finetuning_run_trains_for(cli, tmp_path):
+    """--dataset as train takes it: prompt/completion files finetune the causal LM (its loss, and
+    the lean loss, counted), labelled ones a classifier; the default finetuning data is GLUE's."""
+    completions, labelled = tmp_path / "sft.jsonl", tmp_path / "labels.jsonl"
+    completions.write_text("".join(json.dumps({"prompt": f"q {i}?", "completion": f" a {i}."}) + "\n"
+                                   for i in range(20)))
+    labelled.write_text("".join(json.dumps({"text": f"s {i}", "label": i % 2}) + "\n" for i in range(20)))
+    common = ["--model", "tiny-llama", "--optimizer", "baseline", "--mode", "finetuning", "--max_length", "64"]
+    objective = {name: estimated(cli, *common, *extra)["settings"]["objective"] for name, extra in (
+        ("default", []), ("sft", ["--dataset", str(completions)]), ("labels", ["--dataset", str(labelled)]))}
+    assert objective == {"default": "classification", "sft": "causal_lm", "labels": "classification"}
+    lean = estimated(cli, *common, "--dataset", str(completions), "--lean-loss", "--batch_size", "40")
+    plain = estimated(cli, *common, "--dataset", str(completions), "--batch_size", "40")
+    assert lean["settings"]["lean_loss"] is True and lean["activations"] < plain["activations"]
+    bad = cli("estimate", *common, "--dataset", "nope")
+    assert bad.exit_code == 2 and "unknown dataset 'nope'" in bad.output and "Traceback" not in bad.output
+    offline = cli("estimate", *common, "--dataset", str(tmp_path / "missing"))  # a hub id, offline here
+    assert offline.exit_code == 2 and "hub is switched off" in offline.output
+
+
 def test_dtype_auto_is_estimated_as_a_run_resolves_it(cli):
     common = ["--model", "tiny-llama", "--optimizer", "baseline", "--device", "cuda"]
     auto, bf16 = (estimated(cli, *common, "--dtype", dtype) for dtype in ("auto", "bf16"))

@@ -68,7 +68,8 @@ def test_the_dataset_decides_what_a_finetuning_run_trains_for(cli, tmp_path):
     completions.write_text("".join(json.dumps({"prompt": f"q {i}?", "completion": f" a {i}."}) + "\n"
                                    for i in range(20)))
     labelled.write_text("".join(json.dumps({"text": f"s {i}", "label": i % 2}) + "\n" for i in range(20)))
-    common = ["--model", "tiny-llama", "--optimizer", "baseline", "--mode", "finetuning", "--max_length", "64"]
+    common = ["--model", "tiny-llama", "--optimizer", "baseline", "--mode", "finetuning",
+              "--max_length", "64"]
     objective = {name: estimated(cli, *common, *extra)["settings"]["objective"] for name, extra in (
         ("default", []), ("sft", ["--dataset", str(completions)]), ("labels", ["--dataset", str(labelled)]))}
     assert objective == {"default": "classification", "sft": "causal_lm", "labels": "classification"}

@@ -152,9 +152,17 @@ def _galore_worker(rank: int, init_file: str, outcome: str) -> None:
         reference.step()
         sharded.zero_grad()
         reference.zero_grad()
-    gathered = {name: p.full_tensor() for name, p in model.named_parameters()}
-    difference = max((gathered[n] - p).abs().max().item() for n, p in whole.named_parameters())
-    found = {"dims": dims, "counts": counts, "difference": difference}
+    _report(outcome, rank, {"dims": dims, "counts": counts, "difference": _largest_difference(model, whole)})
+
+
+def _largest_difference(sharded, whole) -> float:
+    gathered = {name: p.full_tensor() for name, p in sharded.named_parameters()}
+    return max((gathered[n] - p).abs().max().item() for n, p in whole.named_parameters())
+
+
+def _report(outcome: str, rank: int, found: dict) -> None:
+    import torch.distributed as dist
+
     Path(f"{outcome}.{rank}").write_text(json.dumps(found))
     dist.barrier()  # gloo aborts a rank whose peer tears its connections down early
     dist.destroy_process_group()
@@ -246,12 +254,8 @@ def _per_layer_worker(rank: int, init_file: str, outcome: str) -> None:
                            for kind in ("allreduce", "broadcast")})
             sharded.zero_grad()
             reference.zero_grad()
-        gathered = {name: p.full_tensor() for name, p in model.named_parameters()}
-        difference = max((gathered[n] - p).abs().max().item() for n, p in whole.named_parameters())
-        found[str(agree)] = {"counts": counts, "difference": difference}
-    Path(f"{outcome}.{rank}").write_text(json.dumps(found))
-    dist.barrier()
-    dist.destroy_process_group()
+        found[str(agree)] = {"counts": counts, "difference": _largest_difference(model, whole)}
+    _report(outcome, rank, found)
 
 
 def test_per_layer_galore_on_slices_talks_only_on_refresh_steps(tmp_path):

@@ -231,19 +231,21 @@ def test_bad_rounding_is_refused(cli, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def sharded_pure_bf16_args(tmp_path) -> list[str]:
-    args = pretrain_args(tmp_path, "galore", out="sharded", tokens=1280,
-                         extra=("--parallel", "fsdp", "--shuffle", "false"))
+def sharded_pure_bf16_args(tmp_path, tokens: int = 1280) -> list[str]:
+    args = pretrain_args(tmp_path, "galore", out="sharded", tokens=tokens,
+                         extra=("--parallel", "fsdp", "--shuffle", "false", "--save-every", "4",
+                                "--keep-checkpoints", "5"))
     args[args.index("--dtype") + 1] = "bf16-pure"
     return args
 
 
 def test_sharded_pure_bf16_keeps_small_updates_as_one_process(launch_env, tmp_path):
     """FSDP slices of bf16 weights update in fp32 like whole ones: with Kahan compensation (its
-    state sliced like the weights) two processes take one process's steps exactly."""
-    from support_runs import launch, train_losses
+    state sliced like the weights) two processes take one process's steps exactly, and resume
+    exactly: the projections stay bf16 (a refresh at step 5 follows the resume from step 4)."""
+    from support_runs import interrupted_copy, launch, resume_args, train_losses
 
-    args = sharded_pure_bf16_args(tmp_path)
+    args = sharded_pure_bf16_args(tmp_path, tokens=2560)
     result = launch(launch_env, *args, "--nproc", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     one = [*args, "--grad-accum", "2"]
@@ -257,6 +259,12 @@ def test_sharded_pure_bf16_keeps_small_updates_as_one_process(launch_env, tmp_pa
     # Each process holds half of each compensation with its moments; the projections are whole.
     held, one = summary["optimizer_state_bytes"], whole["optimizer_state_bytes"]
     assert summary["world_optimizer_state_bytes"] > one and one / 2 < held < 0.6 * one
+
+    resumed = interrupted_copy(tmp_path / "sharded", tmp_path / "resumed", step=4)
+    result = launch(launch_env, *resume_args(args, resumed), "--nproc", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert train_losses(resumed) == train_losses(tmp_path / "sharded")
+    assert json.loads((resumed / "summary.json").read_text())["optimizer_state_bytes"] == held
 
 
 @pytest.mark.slow  # two processes, ~12 s

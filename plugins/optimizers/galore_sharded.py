@@ -128,17 +128,20 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def sharded_projector(projector: Any, param: Any) -> Any:
-    """``projector`` (a galore_common projector, with its matrix if it has one) as the same kind
-    of projector on ``param``'s slices."""
+    """``projector`` (a galore_common projector, with its matrix if it has one) made the same kind
+    of projector on ``param``'s slices. In place, the same object: whoever holds it (bf16-pure's
+    fp32 update swaps its matrix for an fp32 copy and back, lowmem.rounding) still holds it."""
     if isinstance(projector, ShardedProjection):
         return projector
     kind = type(projector)
-    sharded = type(f"Sharded{kind.__name__}", (ShardedProjection, kind), {})
-    result = sharded(projector.rank, update_proj_gap=projector.update_proj_gap, scale=projector.scale,
-                     proj_type=projector.proj_type)
-    result.ortho_matrix = projector.ortho_matrix
-    result.slicing = Slicing(param)
-    return result
+    if kind not in _SHARDED:
+        _SHARDED[kind] = type(f"Sharded{kind.__name__}", (ShardedProjection, kind), {})
+    projector.__class__ = _SHARDED[kind]
+    projector.slicing = Slicing(param)
+    return projector
+
+
+_SHARDED: dict[type, type] = {}  # a projector class -> its sharded kind (made once per class)
 
 
 def replicated_state_bytes(model: Any, projected: list[tuple[str, Any]], config: Mapping[str, Any]) -> int:
@@ -209,7 +212,8 @@ def local_shards(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             state = optimizer.state[param]
             if "rank" in group and param.grad is not None:
                 make_projector(optimizer, group, param, state)
-            local = param.to_local()
+            # Detached: a leaf sharing the slice's storage (an fp32 stand-in's to_local() is not one).
+            local = param.to_local().detach()
             local.grad = None if param.grad is None else param.grad.to_local()
             setattr(local, WHOLE_MOMENT, whole_moment_numel(group, param))
             optimizer.state[local] = {key: to_local(key, value, state) for key, value in state.items()}

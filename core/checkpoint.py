@@ -199,6 +199,7 @@ def load(run, path: Path, dist, say) -> TrainState:
                                   f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
         run.optimizer.load_state_dict(files.load_tensors(path / "optimizer.pt"))
     run.scheduler.load_state_dict(meta["scheduler"])
+    follow_schedule(run.scheduler)
     run.scaler.load_state_dict(meta["scaler"])
     rng = files.load_tensors(path / "rng.pt")
     _set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0])
@@ -207,6 +208,17 @@ def load(run, path: Path, dist, say) -> TrainState:
         for moved in files.set_aside_newer(Path(run.config.output_dir), path):
             say(f"note: a newer checkpoint of an abandoned continuation was kept as {moved}")
     return TrainState(**meta["state"])
+
+
+def follow_schedule(scheduler: Any) -> None:
+    """The next step's learning rate from this run's schedule, as its own ``step()`` sets it: the
+    saved optimizer groups hold the rate of the saved schedule, which a resume with another
+    ``--max-steps`` or token budget changes. (The same schedule gives the same bits.)"""
+    pairs = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    rates = [base * factor(scheduler.last_epoch) for base, factor in pairs]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports, as after a step
 
 
 def find(config: TrainConfig, say) -> Path | None:

@@ -144,3 +144,21 @@ def test_sigterm_saves_and_exits_cleanly(cli, tmp_path):
     assert "checkpoint saved" in output and "Traceback" not in output
     saved = complete_checkpoints(tmp_path / "run")
     assert saved and verify(saved[-1])["step"] >= 2
+
+
+def test_a_resume_with_a_longer_schedule_follows_it_from_its_first_step(cli, tmp_path):
+    """A run stopped by --max-steps 4 and resumed without it takes step 5 at the rate of the
+    new, longer schedule (as a run that was never stopped does), not at the end of the old one."""
+    from support_runs import read_metrics
+
+    args = pretrain_args(tmp_path, "baseline", tokens=2048, extra=["--shuffle", "false"])
+    assert cli(*args, "--max-steps", "4").exit_code == 0
+    assert cli(*args, "--resume", "latest").exit_code == 0
+    whole = [*args]
+    whole[whole.index("--output-dir") + 1] = str(tmp_path / "whole")
+    assert cli(*whole).exit_code == 0
+    rates = {run: {row["step"]: row["lr"] for row in read_metrics(tmp_path / run) if "loss" in row}
+             for run in ("run", "whole")}
+    assert rates["run"][4] < rates["whole"][4]  # the short schedule had decayed by step 4
+    assert {step: rate for step, rate in rates["run"].items() if step > 4} == \
+        {step: rate for step, rate in rates["whole"].items() if step > 4}

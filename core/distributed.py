@@ -46,12 +46,17 @@ class DistContext:
         expected = int(environ.get("LOWMEM_EXPECTED_WORLD_SIZE", "0") or 0)
         asked = expected or accelerate_single_process_ask(environ)
         if asked > 1 and world != asked:
+            machines = 1 if expected else accelerate_setting(environ, "num_machines") or 1
+            use = (f"`lowmem train --nproc {asked}`, `torchrun --nproc-per-node {asked} -m lowmem train` or "
+                   f"`accelerate launch --multi_gpu --num_processes {asked} -m lowmem train` (gloo on CPU)")
+            if machines > 1:
+                use = (f"on each of the {machines} machines `torchrun --nnodes {machines} "
+                       f"--nproc-per-node {max(1, asked // machines)} ... -m lowmem train`, or "
+                       "`accelerate launch --multi_gpu` with the same machine settings")
             raise ConfigError(
                 f"{asked} processes were asked for but this one sees "
                 f"WORLD_SIZE={environ.get('WORLD_SIZE', 'unset')}: the launcher started single-process "
-                "jobs (accelerate launch --cpu runs several only through MPI); use "
-                f"`lowmem train --nproc {asked}`, `torchrun --nproc-per-node {asked} -m lowmem train` or "
-                f"`accelerate launch --multi_gpu --num_processes {asked} -m lowmem train` (gloo on CPU)"
+                f"jobs (accelerate launch --cpu runs several only through MPI); use {use}"
             )
         engines = [name for name, var in SHARDING_ENGINES.items() if environ.get(var, "").lower() == "true"]
         if engines:
@@ -209,16 +214,10 @@ class DistContext:
 
 def processes_to_start(environ: dict[str, str]) -> int:
     """``lowmem train`` under an ``accelerate launch`` that started one process where it was asked
-    for N on this one machine: N, which lowmem then starts itself (as with ``--nproc N``); else 1."""
+    for N on this one machine: N, which lowmem then starts itself (as with ``--nproc N``); else 1
+    (several machines: refused by ``from_launcher``)."""
     asked = accelerate_single_process_ask(environ)
-    if asked <= 1:
-        return 1
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except (OSError, UnicodeDecodeError):
-        return 1
-    machines = _option(argv, "num_machines")
-    return asked if machines in (None, "1") else 1  # several machines: refused by from_launcher
+    return asked if asked > 1 and accelerate_setting(environ, "num_machines") in (None, 1) else 1
 
 
 def accelerate_single_process_ask(environ: dict[str, str]) -> int:
@@ -230,27 +229,33 @@ def accelerate_single_process_ask(environ: dict[str, str]) -> int:
     """
     if "ACCELERATE_USE_CPU" not in environ or "WORLD_SIZE" in environ:
         return 0
+    return accelerate_setting(environ, "num_processes") or 0
+
+
+def accelerate_setting(environ: dict[str, str], name: str) -> int | None:
+    """An integer setting of the ``accelerate launch`` that started this process: from its command
+    line, else its config file; None where neither says (or the parent is not accelerate)."""
     try:
         argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except (OSError, UnicodeDecodeError):  # not Linux, or the parent is gone
-        return 0
+        return None
     if "launch" not in argv:
-        return 0
-    value = _option(argv, "num_processes")
+        return None
+    value = _option(argv, name)
     if value is None:
         try:
             from accelerate.commands.config import default_config_file, load_config_from_file
 
             config_file = _option(argv, "config_file") or default_config_file
             if not Path(config_file).is_file():
-                return 0
-            value = getattr(load_config_from_file(config_file), "num_processes", None)
+                return None
+            value = getattr(load_config_from_file(config_file), name, None)
         except Exception:  # noqa: BLE001 - an unreadable config: accelerate itself would have refused it
-            return 0
+            return None
     try:
-        return int(value or 0)
+        return int(value) if value is not None else None
     except ValueError:
-        return 0
+        return None
 
 
 def _option(argv: list[str], name: str) -> str | None:

@@ -175,6 +175,24 @@ def test_accelerate_single_process_launch_starts_the_processes_asked_for(launch_
     assert len(json.loads((tmp_path / "run" / "summary.json").read_text())["per_process"]) == 2
 
 
+@pytest.mark.slow
+def test_accelerate_config_for_several_machines_is_refused(launch_env, tmp_path):
+    """A config file asking for 4 processes on 2 machines: lowmem must not start all 4 here."""
+    pytest.importorskip("accelerate")
+    home = tmp_path / "hf"
+    (home / "accelerate").mkdir(parents=True)
+    (home / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 4\n"
+        "num_machines: 2\nmachine_rank: 0\nmain_process_ip: 127.0.0.1\nmain_process_port: 29533\n"
+        "mixed_precision: 'no'\nuse_cpu: true\n")
+    result = launch({**launch_env, "HF_HOME": str(home)}, "launch", "-m", "lowmem",
+                    *pretrain_args(tmp_path, "baseline", tokens=512),
+                    launcher=("-m", "accelerate.commands.accelerate_cli"))
+    assert result.returncode != 0
+    assert "4 processes were asked for" in result.stderr and "--nnodes 2" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # -- the launcher checks, without launching ------------------------------------------------------
 def test_a_world_size_mismatch_is_refused():
     from lowmem.distributed import DistContext

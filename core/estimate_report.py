@@ -115,7 +115,7 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
     length = first.settings["max_length"] if first else 0
     device, dtype = (first.settings["device"], first.settings["dtype"]) if first else ("", "")
     # What the estimates say about the settings (a lever not used, --dtype auto's choice), once.
-    notes = list(dict.fromkeys(note for r in plain.values() if isinstance(r, Breakdown) for note in r.notes))
+    notes = shared_notes({name: r for name, r in plain.items() if isinstance(r, Breakdown)})
     if as_json:
         # A largest batch equal to the search limit means "at least that".
         print(json.dumps({"device_memory": device_bytes, "device": device, "dtype": dtype,
@@ -140,8 +140,8 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
         cells = [_batch(row["largest_batch"]),
                  _batch(row["largest_batch_checkpointing"]) if checkpoints else "n/a"]
         needed = format_bytes(int(row[f"total_at_batch_1{smallest}"]))  # type: ignore[call-overload]
-        table.add_row(str(row["optimizer"]), *cells, "cannot fit" if not row[f"largest_batch{smallest}"]
-                      else f"needs {needed}")
+        table.add_row(str(row["optimizer"]), *cells, f"cannot fit (needs {needed})"
+                      if not row[f"largest_batch{smallest}"] else f"needs {needed}")
     results_console().print(table)
     results_console().print("* estimates include weights, gradients, optimizer states, activations and the "
                             "framework overhead (lowmem estimate's table shows it); 0 = not even batch 1; "
@@ -159,6 +159,16 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
         if hints:
             results_console().print(f"* nothing fits even at batch 1; try {' or '.join(hints)}",
                                     markup=False, highlight=False)
+
+
+def shared_notes(estimates: dict[str, Breakdown]) -> list[str]:
+    """The notes of several estimates, once each: named by optimizer where not every one has it."""
+    notes: dict[str, list[str]] = {}
+    for name, breakdown in estimates.items():
+        for note in breakdown.notes:
+            notes.setdefault(note, []).append(name)
+    return [note if len(names) == len(estimates) else f"{', '.join(names)}: {note}"
+            for note, names in notes.items()]
 
 
 def _batch(value: object) -> str:

@@ -274,6 +274,14 @@ def test_a_plain_estimate_agrees_with_the_batch_gpu_memory_picks(cli, optimizer)
     assert totals[0] <= 64 * 2**20 < totals[1]
 
 
+def test_gpu_memory_notes_name_the_optimizers_they_concern(cli):
+    found = json.loads(cli("estimate", "--model", "tiny-llama", "--optimizer", "galore,baseline", "--max-length",
+                           "64", "--nproc", "2", "--parallel", "fsdp", "--gpu-memory", "64MiB", "--json").output)
+    whole = [note for note in found["notes"] if "held whole by every process" in note]
+    assert len(whole) == 2 and {note.split(":")[0] for note in whole} == {"galore", "baseline"}
+    assert any(note.startswith("per process of 2 (FSDP)") for note in found["notes"])  # both: unnamed
+
+
 def test_gpu_memory_answers_for_the_optimizers_given(cli):
     args = ("estimate", "--model", "tiny-llama", "--max-length", "64", "--gpu-memory", "64MiB", "--json")
     result = cli(*args, "--optimizer", "lora, galore8bit")

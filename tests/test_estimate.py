@@ -276,8 +276,8 @@ def test_a_plain_estimate_agrees_with_the_batch_gpu_memory_picks(cli, optimizer)
 
 def test_gpu_memory_notes_name_the_optimizers_they_concern(cli):
     found = json.loads(cli("estimate", "--model", "tiny-llama", "--optimizer", "galore,baseline",
-                           "--max-length", "64", "--nproc", "2", "--parallel", "fsdp", "--gpu-memory", "64MiB",
-                           "--json").output)
+                           "--max-length", "64", "--nproc", "2", "--parallel", "fsdp",
+                           "--gpu-memory", "64MiB", "--json").output)
     whole = [note for note in found["notes"] if "held whole by every process" in note]
     assert len(whole) == 2 and {note.split(":")[0] for note in whole} == {"galore", "baseline"}
     assert any(note.startswith("per process of 2 (FSDP)") for note in found["notes"])  # both: unnamed

@@ -235,7 +235,7 @@ def estimate_many(registry: Any, model: str, optimizer: str | list[str] | None, 
     if dtype == "auto":
         dtype, auto_note = resolve_auto_dtype(device)
     model_plugin = registry.model_for(model)
-    if max_length is None:
+    if max_length is None or max_length == default_of("max_length"):  # the default, capped as train caps it
         max_length = min(default_of("max_length"), model_plugin.max_positions)
     if max_length > model_plugin.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model!r} allows "

@@ -147,6 +147,20 @@ def raise_on_every_rank(dist, error: str | None) -> None:
         raise CheckpointError(error)
 
 
+def step_size_error(before: int, after: int, batch_size: int, world_size: int) -> str:
+    """Why a resume on ``world_size`` processes cannot take the checkpoint's step of ``before``
+    sequences, and what can: the batch size stays (it decides which sequences form a batch),
+    the micro-batches per step make up the rest."""
+    reason = (f"cannot resume: a step of the checkpoint took {before} sequences, with {world_size} "
+              f"process(es) it would take {after}")
+    if before % (batch_size * world_size) == 0:
+        return f"{reason}; use --grad-accum {before // (batch_size * world_size)}"
+    ways = [f"{n} process(es) with --grad-accum {before // (batch_size * n)}"
+            for n in range(1, before // batch_size + 1) if before % (batch_size * n) == 0]
+    return (f"{reason}; at --batch_size {batch_size} (the checkpoint's) {world_size} processes cannot take "
+            f"{before}: resume on {', or '.join(ways)}")
+
+
 def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int,
                      say) -> None:
     current = config.to_json()
@@ -157,10 +171,7 @@ def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int
         before, after = (c["batch_size"] * c["grad_accum"] * n for c, n in ((saved, saved_world),
                                                                             (current, world_size)))
         if before != after:
-            accum = before / (config.batch_size * world_size)
-            hint = f"--grad-accum {int(accum)}" if accum == int(accum) else "another --batch_size"
-            raise ConfigError(f"cannot resume: a step of the checkpoint took {before} sequences, with "
-                              f"{world_size} process(es) it would take {after}; use {hint}")
+            raise ConfigError(step_size_error(before, after, saved["batch_size"], world_size))
         changed = [key for key in changed if key != "grad_accum"]
     if saved.get("dtype") == "bf16-pure" and saved.get("bf16_rounding") != current.get("bf16_rounding"):
         # Kahan's compensation is part of the saved optimizer state; another rounding would

@@ -162,3 +162,14 @@ def test_a_resume_with_a_longer_schedule_follows_it_from_its_first_step(cli, tmp
     assert rates["run"][4] < rates["whole"][4]  # the short schedule had decayed by step 4
     assert {step: rate for step, rate in rates["run"].items() if step > 4} == \
         {step: rate for step, rate in rates["whole"].items() if step > 4}
+
+
+def test_a_step_no_process_count_takes_names_the_counts_that_do():
+    """The batch size must stay (it decides which sequences form a batch): a resume on another
+    number of processes keeps the step's sequences with --grad-accum, or says where it can."""
+    from lowmem.checkpoint import step_size_error
+
+    assert step_size_error(8, 16, 4, 2).endswith("use --grad-accum 1")
+    refused = step_size_error(16, 24, 4, 3)
+    assert "1 process(es) with --grad-accum 4, or 2 process(es) with --grad-accum 2, or 4 process(es) " \
+           "with --grad-accum 1" in refused and "--batch_size 4 (the checkpoint's)" in refused

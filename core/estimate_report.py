@@ -155,7 +155,8 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
             and first is not None:
         hints = [hint for hint, applies in (
             ("--dtype bf16-pure (bf16 weights, no fp32 master copy)", first.settings["dtype"] != "bf16-pure"),
-            ("--per-layer (one gradient at a time)", not first.per_layer)) if applies]
+            ("--per-layer (one gradient at a time; optimizers that have it)", not first.per_layer))
+            if applies]
         if hints:
             results_console().print(f"* nothing fits even at batch 1; try {' or '.join(hints)}",
                                     markup=False, highlight=False)

@@ -126,6 +126,8 @@ def dataset_choice(name: str, source: str | None, registry: Registry) -> tuple[s
         return family, rest  # glue/mrpc: the glue dataset, task mrpc
     if Path(name).expanduser().exists():
         return GENERIC_FILES, str(Path(name).expanduser().resolve())
+    if name.startswith(("/", "./", "../", "~")):  # written as a path, not a hub id
+        raise ConfigError(f"--dataset {name}: no such file or folder")
     if "/" in name or name in ("glue", "imdb", "ag_news", "wikitext"):
         return GENERIC_HUB, name
     choices = ", ".join(sorted(registry.datasets))

@@ -78,7 +78,9 @@ def test_the_dataset_decides_what_a_finetuning_run_trains_for(cli, tmp_path):
     assert lean["settings"]["lean_loss"] is True and lean["activations"] < plain["activations"]
     bad = cli("estimate", *common, "--dataset", "nope")
     assert bad.exit_code == 2 and "unknown dataset 'nope'" in bad.output and "Traceback" not in bad.output
-    offline = cli("estimate", *common, "--dataset", str(tmp_path / "missing"))  # a hub id, offline here
+    missing = cli("estimate", *common, "--dataset", str(tmp_path / "missing.jsonl"))  # a path: not a hub id
+    assert missing.exit_code == 2 and "missing.jsonl: no such file or folder" in missing.output
+    offline = cli("estimate", *common, "--dataset", "someone/corpus")  # a hub id, offline here
     assert offline.exit_code == 2 and "hub is switched off" in offline.output
 
 

@@ -54,7 +54,7 @@ def env() -> dict[str, str]:
 def one_run(spec: dict) -> dict:
     """In a child process: train a few steps, report the result and the estimate."""
     import lowmem
-    from lowmem.estimate import estimate_many
+    from lowmem.estimate_many import estimate_many
     from lowmem.registry import get_registry
 
     per_layer = bool(spec["config"].get("per_layer"))

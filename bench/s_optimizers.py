@@ -80,7 +80,7 @@ def train_run(spec: dict) -> dict:
 
 def estimated_state_bytes(plugins, spec: dict) -> int | str:
     """The plugin's state_bytes formula, on the model built on the meta device."""
-    from lowmem.estimate import estimate_many
+    from lowmem.estimate_many import estimate_many
 
     file = None
     if spec.get("config"):
@@ -306,7 +306,7 @@ def write_report(data: dict, path_md: Path, path_json: Path) -> None:
              f"default max_grad_norm (None: 1.0, or 0 for optimizers that step inside backward; the `clip` "
              f"column is what config.json recorded), eval loss on {small['eval_batches']} held-out batches. "
              "Measured state bytes are RunResult.optimizer_state_bytes; the formula column is "
-             "`lowmem.estimate.estimate_many(...)[name].optimizer_states` on the meta-device model. "
+             "`lowmem.estimate_many.estimate_many(...)[name].optimizer_states` on the meta-device model. "
              "Step seconds are RunResult.step_seconds (train_seconds / steps, the first step included).", ""]
     lines += table_one(data["every_optimizer"])
     lines += ["", "### GaLore refresh: full vs randomized SVD", ""]

@@ -89,7 +89,7 @@ def estimate(
     With --gpu-memory: the largest batch at --max_length that fits, per optimizer, with and without
     activation checkpointing."""
     with exit_on_error():
-        from lowmem.estimate import estimate_many
+        from lowmem.estimate_many import estimate_many
         from lowmem.estimate_report import print_estimates
         from lowmem.registry import get_registry
 

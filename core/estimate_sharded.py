@@ -22,11 +22,9 @@ from lowmem.precision import DTYPE_BYTES
 
 def per_process(breakdown: Any, model: Any, optimizer_plugin: Any, settings: Any, world_size: int) -> Any:
     """``breakdown`` (for one process holding everything) as one of ``world_size`` FSDP processes."""
-    from lowmem.errors import ConfigError
     from lowmem.estimate_overhead import overhead_bytes
 
-    if not optimizer_plugin.shards:
-        raise ConfigError(f"optimizer {optimizer_plugin.name!r} does not support --parallel fsdp")
+    # (An optimizer that does not shard was refused by lowmem.estimate.)
     optimizer_plugin.shard_dims(model, settings)  # refuses what a run would (a split that cannot be even)
 
     def split(value: int) -> int:

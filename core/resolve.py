@@ -54,11 +54,12 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
         changes.update(test_caps(config, say))
     if config.bf16_rounding != default_of("bf16_rounding") and config.dtype not in ("bf16-pure", "auto"):
         say(f"note: --bf16-rounding applies to --dtype bf16-pure; with {config.dtype} it is not used")
-    max_length = changes.get("max_length", config.max_length)
-    if max_length == default_of("max_length") > model.max_positions:  # the default, as estimate's
-        say(f"note: --max_length {max_length} (the default) is capped at {model.max_positions}, "
-            f"the context of model {model.name!r}")
-        max_length = changes["max_length"] = model.max_positions
+    asked = changes.get("max_length", config.max_length)
+    max_length = length_for(model.max_positions, asked)
+    if max_length != asked:
+        say(f"note: --max_length {asked} (the default) is capped at {max_length}, the context of model "
+            f"{model.name!r}")
+        changes["max_length"] = max_length
     if max_length > model.max_positions:
         raise ConfigError(f"--max_length {max_length} is longer than model {model.name!r} allows "
                           f"({model.max_positions} positions)")
@@ -108,6 +109,13 @@ def check_values(config: TrainConfig) -> None:
     for target in config.report_to:
         if target not in REPORTERS:
             raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")
+
+
+def length_for(max_positions: int, max_length: int | None) -> int:
+    """``--max_length`` for a model of ``max_positions``: the default (None, or 512) is capped at a
+    shorter context; another length is as given (and refused by the caller where too long)."""
+    default = default_of("max_length")
+    return min(default, max_positions) if max_length in (None, default) else max_length
 
 
 def resolve_dataset(config: TrainConfig, registry: Registry) -> tuple[str, str | None]:

@@ -251,8 +251,9 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor,
     """
     import torch
 
-    if callable(getattr(value, "to_local", None)):  # FSDP: this process's slice, noise drawn for it
-        target, value = target.to_local(), value.to_local()  # type: ignore[attr-defined]
+    from lowmem.sharding import local
+
+    target, value = local(target), local(value)  # FSDP: this process's slice, noise drawn for it
     bits = value.view(torch.int32)
     noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device,
                           generator=generator)

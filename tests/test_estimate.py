@@ -239,7 +239,7 @@ def test_cli_json_and_errors(cli, tmp_path):
 
 
 def test_gpu_memory_picks_the_largest_batch_the_estimate_says_fits(cli, tiny_registry):
-    from lowmem.estimate import estimate_many
+    from lowmem.estimate_many import estimate_many
 
     result = cli("estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--max-length", "64",
                  "--gpu-memory", "64MiB", "--json")
@@ -312,7 +312,7 @@ def test_gpu_memory_marks_what_cannot_fit_and_refuses_bad_sizes(cli):
 
 
 def test_checkpointing_and_lean_loss_shrink_the_activation_estimate(tiny_registry):
-    from lowmem.estimate import estimate_many
+    from lowmem.estimate_many import estimate_many
 
     options = dict(mode="pretraining", batch_size=8, max_length=128, dtype="fp32", per_layer=False,
                    grad_accum=1)

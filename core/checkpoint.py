@@ -162,9 +162,12 @@ def step_size_error(before: int, after: int, batch_size: int, world_size: int) -
 
 
 def check_compatible(saved: dict[str, Any], config: TrainConfig, world_size: int, saved_world: int,
-                     say) -> None:
+                     say, same_precision: bool = False) -> None:
+    """``same_precision``: the checkpoint's resolved dtype is this run's, so ``--dtype auto``
+    and the dtype it resolved to (or the reverse) are one setting."""
     current = config.to_json()
-    changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)]
+    changed = [key for key in MUST_MATCH if saved.get(key) != current.get(key)
+               and not (key == "dtype" and same_precision)]
     if saved_world != world_size:
         # Checkpoints load into any number of processes (DDP's are whole, FSDP's are sliced by
         # DCP); the step must keep its size.
@@ -191,7 +194,9 @@ def load(run, path: Path, dist, say) -> TrainState:
     import safetensors.torch
 
     meta = json.loads((path / "trainer_state.json").read_text())
-    check_compatible(meta["config"], run.config, dist.world_size, meta["world_size"], say)
+    saved_dtype = meta.get("resolved_dtype", meta["config"].get("dtype"))
+    check_compatible(meta["config"], run.config, dist.world_size, meta["world_size"], say,
+                     same_precision=saved_dtype == run.dtype)
     if meta["world_size"] != dist.world_size and not run.optimizer_plugin.reshards:
         raise ConfigError(f"cannot resume: optimizer {run.config.optimizer!r} keeps its state per process "
                           f"slice, so its checkpoint loads only into {meta['world_size']} process(es)")

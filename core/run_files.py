@@ -154,8 +154,9 @@ class RunFiles:
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """On resume: forget rows a killed run logged after its last checkpoint."""
+    def truncate_metrics(self, after_step: int, keep_evaluation: bool = True) -> None:
+        """On resume: forget rows a killed run logged after its last checkpoint (and, unless
+        ``keep_evaluation``, the evaluation rows at that step)."""
         if not self.is_main or not self.metrics_path.exists():
             return
         kept = []
@@ -164,9 +165,17 @@ class RunFiles:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-            if row.get("step", 0) <= after_step:
+            step = row.get("step", 0)
+            if step < after_step or (step == after_step and (keep_evaluation or "loss" in row)):
                 kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def saved_summary(self) -> dict[str, Any] | None:
+        """The summary.json a finished run wrote, if any."""
+        try:
+            return json.loads((self.dir / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.is_main:

@@ -74,7 +74,17 @@ def run(config: TrainConfig, registry: Registry, dist: DistContext, stop_request
     with RunFiles(run_dir, is_main=dist.is_main, report_to=config.report_to) as files:
         if resume_from is not None:
             state = checkpoint.load(job, resume_from, dist, say)
-            files.truncate_metrics(after_step=state.step)
+            done = finished(job, state)
+            if done and state.step > job.total_steps:
+                raise ConfigError(f"cannot resume: {resume_from.name} is at step {state.step}, past this "
+                                  f"run's last step {job.total_steps}; raise the budget (--max-steps, "
+                                  "--num-training-tokens, --num-epochs) or start a new --output-dir")
+            saved = files.saved_summary()
+            if done and saved is not None and saved.get("steps") == state.step:
+                say(f"the run in {run_dir} already finished at step {state.step}: nothing to train")
+                return RunResult.from_json(saved)
+            # A run stopped inside finish() left its final evaluation row: finish logs it again.
+            files.truncate_metrics(after_step=state.step, keep_evaluation=not done)
             say(f"resumed from {resume_from} at step {state.step} ({state.tokens:,} tokens)")
         started -= state.wall_seconds
         files.write_config(config, run_facts(job, dist, registry))

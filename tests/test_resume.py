@@ -104,6 +104,39 @@ def test_incompatible_resume_is_refused(cli, tmp_path):
     assert result.exit_code == 2 and "cannot resume" in result.output and "optimizer" in result.output
 
 
+def test_a_finished_run_resumed_is_left_as_it_was(cli, tmp_path):
+    """Resuming a run that already finished trains nothing and repeats nothing; one killed inside
+    its final stage finishes with one final evaluation row; a budget below the checkpoint is
+    refused; ``--dtype auto`` and the dtype it resolved to are one setting."""
+    from support_runs import read_metrics
+
+    args = pretrain_args(tmp_path, "galore", out="run", tokens=600)
+    assert cli(*args).exit_code == 0
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "summary.json")}
+    again = cli(*resume_args(args, run))
+    assert again.exit_code == 0 and "already finished" in again.output, again.output
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+    (run / "summary.json").unlink()  # as if killed after the final checkpoint, before the summary
+    assert cli(*resume_args(args, run)).exit_code == 0
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [r["step"] for r in rows if "loss" in r][-1:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == rows[-1]["step"]
+
+    beyond = cli(*resume_args(args, run), "--max-steps", "1")
+    assert beyond.exit_code == 2 and "past this run's last step 1" in beyond.output, beyond.output
+
+    auto = [*args]
+    auto[auto.index("--dtype") + 1] = "auto"
+    auto[auto.index("--output-dir") + 1] = str(tmp_path / "auto")
+    assert cli(*auto, "--max-steps", "1").exit_code == 0
+    resolved = json.loads((tmp_path / "auto" / "config.json").read_text())["resolved_dtype"]
+    auto[auto.index("--dtype") + 1] = resolved
+    resumed = cli(*resume_args(auto, tmp_path / "auto"))
+    assert resumed.exit_code == 0 and "resumed from" in resumed.output, resumed.output
+
+
 # -- real processes: kill -9 during a save, SIGTERM ---------------------------------------------
 
 

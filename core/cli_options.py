@@ -48,11 +48,11 @@ def parse_bool(text: str) -> bool:
 def parse_bytes(text: str) -> int:
     """'24GB', '24GiB', '80G', '512MiB', '1e9' -> bytes (GB and GiB both mean 2**30)."""
     cleaned = str(text).strip().lower().replace(" ", "")
-    number, units = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)", r"(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?"
+    number, units = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)", r"(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib|p|pb|pib)?"
     match = re.fullmatch(number + units, cleaned)
     if not match:
         raise ValueError(f"{text!r} is not a size (examples: 24GB, 80GiB, 512MB)")
-    scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(match.group(2) or "b")[0]]
+    scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}[(match.group(2) or "b")[0]]
     value = float(match.group(1)) * scale
     if not math.isfinite(value):
         raise ValueError(f"{text!r} is not a finite size")

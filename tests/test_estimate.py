@@ -311,6 +311,14 @@ def test_gpu_memory_marks_what_cannot_fit_and_refuses_bad_sizes(cli):
     assert bad.exit_code == 2 and "not a size" in bad.output and "Traceback" not in bad.output
 
 
+def test_sizes_read_binary_units_in_any_case():
+    from lowmem.cli_options import parse_bytes
+
+    assert parse_bytes("24GiB") == parse_bytes("24gb") == parse_bytes("24 G") == 24 * 2**30
+    assert parse_bytes("1.5TiB") == 3 * 2**39 and parse_bytes("2PiB") == 2 * 2**50
+    assert parse_bytes("512MiB") == 2**29 and parse_bytes("1e9") == 10**9
+
+
 def test_checkpointing_and_lean_loss_shrink_the_activation_estimate(tiny_registry):
     from lowmem.estimate_many import estimate_many
 

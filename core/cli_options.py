@@ -48,7 +48,8 @@ def parse_bool(text: str) -> bool:
 def parse_bytes(text: str) -> int:
     """'24GB', '24GiB', '80G', '512MiB', '1e9' -> bytes (GB and GiB both mean 2**30)."""
     cleaned = str(text).strip().lower().replace(" ", "")
-    number, units = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)", r"(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib|p|pb|pib)?"
+    number = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)"
+    units = r"(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib|p|pb|pib)?"
     match = re.fullmatch(number + units, cleaned)
     if not match:
         raise ValueError(f"{text!r} is not a size (examples: 24GB, 80GiB, 512MB)")
@@ -180,14 +181,15 @@ TRAIN_OPTIONS = (
     TrainOption("lr", ("--lr",), float, "Peak learning rate", positive_float),
     TrainOption("weight_decay", ("--weight_decay", "--weight-decay"), float, "Decoupled weight decay",
                 non_negative_float),
-    TrainOption("decay_norms_and_biases", ("--decay-norms-and-biases",), bool,
+    TrainOption("decay_norms_and_biases", ("--decay-norms-and-biases", "--decay_norms_and_biases"), bool,
                 "Also decay biases and normalisation weights (default: not, as in HF Trainer)"),
     TrainOption("tmax", ("--tmax",), int | None,
                 "Cosine period in optimizer steps after warm-up (default: the rest of the run)",
                 positive_int),
     TrainOption("warmup_steps", ("--warmup_steps", "--warmup-steps"), int | None,
                 "Linear warm-up steps (default: 10% of the run)", non_negative_int),
-    TrainOption("min_lr_ratio", ("--min-lr-ratio",), float, "Final LR as a fraction of --lr", ratio),
+    TrainOption("min_lr_ratio", ("--min-lr-ratio", "--min_lr_ratio"), float,
+                "Final LR as a fraction of --lr", ratio),
     TrainOption("lora_config_file", ("--lora_config", "--lora-config"), Path | None, "JSON LoRA settings",
                 existing_file),
     TrainOption("galore_config_file", ("--galore_config", "--galore-config"), Path | None,
@@ -199,12 +201,13 @@ TRAIN_OPTIONS = (
                 "(default: the model's)"),
     TrainOption("packing", ("--packing",), bool,
                 "Pack examples into full-length rows (attention stays within each example)"),
-    TrainOption("activation_checkpointing", ("--activation-checkpointing", "--gradient-checkpointing"), bool,
+    TrainOption("activation_checkpointing", ("--activation-checkpointing", "--activation_checkpointing",
+                                             "--gradient-checkpointing", "--gradient_checkpointing"), bool,
                 "Recompute each transformer block in backward: less activation memory, ~30% more compute"),
     TrainOption("compile", ("--compile",), bool, "torch.compile the model (inductor)"),
-    TrainOption("lean_loss", ("--lean-loss",), bool,
+    TrainOption("lean_loss", ("--lean-loss", "--lean_loss"), bool,
                 "Causal LMs: compute the loss in chunks, never the whole batch's logits"),
-    TrainOption("bf16_rounding", ("--bf16-rounding",), str,
+    TrainOption("bf16_rounding", ("--bf16-rounding", "--bf16_rounding"), str,
                 "With --dtype bf16-pure: kahan (keeps small updates; 2 bytes/weight), stochastic "
                 "(no memory, noisier) or nearest (small updates are lost)", choice(CHOICES["bf16_rounding"])),
     TrainOption("test", ("--test",), str, "Smoke mode: ~1000 tokens or a few batches", boolean, "false"),
@@ -234,17 +237,18 @@ TRAIN_OPTIONS = (
     TrainOption("keep_checkpoints", ("--keep-checkpoints", "--keep_checkpoints"), int,
                 "Newest checkpoints kept", positive_int),
     TrainOption("resume", ("--resume",), str | None, "A checkpoint folder, a run folder, or 'latest'"),
-    TrainOption("on_nonfinite", ("--on-nonfinite",), str, "stop (exit 3) or skip the update",
+    TrainOption("on_nonfinite", ("--on-nonfinite", "--on_nonfinite"), str, "stop (exit 3) or skip the update",
                 choice(CHOICES["on_nonfinite"])),
-    TrainOption("max_nonfinite_skips", ("--max-nonfinite-skips",), int,
+    TrainOption("max_nonfinite_skips", ("--max-nonfinite-skips", "--max_nonfinite_skips"), int,
                 "Consecutive skipped updates before stopping anyway", positive_int),
     TrainOption("model_path", ("--model-path", "--model_path"), str | None,
                 "Hugging Face folder (or hub id) with weights to finetune"),
     TrainOption("tokenizer", ("--tokenizer",), str | None, "Tokenizer folder or hub id"),
-    TrainOption("trust_remote_code", ("--trust-remote-code",), bool,
+    TrainOption("trust_remote_code", ("--trust-remote-code", "--trust_remote_code"), bool,
                 "Allow model folders that ship their own code"),
     TrainOption("device", ("--device",), str, "auto, cpu or cuda", choice(CHOICES["device"])),
-    TrainOption("report_to", ("--report-to",), str, "Comma-separated: tensorboard, wandb", report_targets,
+    TrainOption("report_to", ("--report-to", "--report_to"), str, "Comma-separated: tensorboard, wandb",
+                report_targets,
                 ""),
 )
 REQUIRED = ("mode", "optimizer", "model")

@@ -70,16 +70,18 @@ def estimate(
         "--galore_config", "--galore-config", callback=existing_file,
         help="JSON GaLore settings (optimizers that read them), as train's")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table")] = False,
-    checkpointing: Annotated[bool, Opt("--activation-checkpointing",
+    checkpointing: Annotated[bool, Opt("--activation-checkpointing", "--activation_checkpointing",
+                                       "--gradient-checkpointing", "--gradient_checkpointing",
                                        help="With activation checkpointing")] = False,
-    lean_loss: Annotated[bool, Opt("--lean-loss", help="With the chunked causal-LM loss")] = False,
+    lean_loss: Annotated[bool, Opt("--lean-loss", "--lean_loss",
+                                   help="With the chunked causal-LM loss")] = False,
     gpu_memory: Annotated[str | None, Opt(
         "--gpu-memory", "--gpu_memory", callback=size,
         help="What fits: the largest batch per optimizer, e.g. 24GiB")] = None,
     nproc: Annotated[int, Opt("--nproc", callback=positive_int, help="Processes (with --parallel fsdp: "
                               "the figures of one of them)")] = 1,
     parallel: Annotated[str, Opt("--parallel", callback=choice(PARALLEL), help="ddp or fsdp")] = "ddp",
-    bf16_rounding: Annotated[str, Opt("--bf16-rounding", callback=choice(BF16_ROUNDINGS),
+    bf16_rounding: Annotated[str, Opt("--bf16-rounding", "--bf16_rounding", callback=choice(BF16_ROUNDINGS),
                                       help="With --dtype bf16-pure: kahan, stochastic or nearest")] = "kahan",
     device: Annotated[str, Opt("--device", callback=choice(DEVICES), help=(
         "The run's device: cuda (auto, the default: a GPU run, on any machine) or cpu"))] = "auto",

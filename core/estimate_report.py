@@ -91,16 +91,20 @@ def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | st
             rows.append({"optimizer": name, "error": result})
             continue
         largest = largest_batch(result, device_bytes)
+        # at_search_limit: the search stopped at BATCH_SEARCH_LIMIT, so a larger batch may fit too
         row: dict[str, object] = {"optimizer": name, "largest_batch": largest, "fits_at_batch_1": largest > 0,
-                                  "total_at_batch_1": result.at_batch(1).total}
+                                  "total_at_batch_1": result.at_batch(1).total,
+                                  "at_search_limit": largest == BATCH_SEARCH_LIMIT}
         if isinstance(other, Breakdown):
             largest_recomputed = largest_batch(other, device_bytes)
             row.update(largest_batch_checkpointing=largest_recomputed,
                        fits_at_batch_1_checkpointing=largest_recomputed > 0,
-                       total_at_batch_1_checkpointing=other.at_batch(1).total)
+                       total_at_batch_1_checkpointing=other.at_batch(1).total,
+                       at_search_limit_checkpointing=largest_recomputed == BATCH_SEARCH_LIMIT)
         else:  # the model cannot checkpoint: a run refuses it
             row.update(largest_batch_checkpointing=None, fits_at_batch_1_checkpointing=None,
-                       total_at_batch_1_checkpointing=None, checkpointing_error=other)
+                       total_at_batch_1_checkpointing=None, at_search_limit_checkpointing=None,
+                       checkpointing_error=other)
         rows.append(row)
     return rows
 

@@ -21,6 +21,9 @@ IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024
 # Config attributes of models whose logits are more than hidden @ W^T (+ b): not for this loss.
 TRANSFORMED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config switches of models whose loss adds a term to the cross-entropy (a mixture of experts'
+# router balancing loss): computing only the cross-entropy would silently drop it.
+ADDED_LOSSES = ("output_router_logits",)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -115,7 +118,7 @@ def output_head(model: Any) -> tuple[Any, str, Any] | None:
     if not isinstance(head, torch.nn.Linear):
         return None
     config = getattr(model, "config", None)
-    if any(getattr(config, name, None) for name in TRANSFORMED_LOGITS):
+    if any(getattr(config, name, None) for name in TRANSFORMED_LOGITS + ADDED_LOSSES):
         return None
     for module in model.modules():
         for attribute, child in module.named_children():

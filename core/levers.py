@@ -35,7 +35,8 @@ def lean_loss_head(model: Any, objective: str, say: Any) -> tuple[Any, str, Any]
 
     found = output_head(model) if objective == CAUSAL_LM else None
     if found is None:
-        say("note: --lean-loss applies to causal LMs with a plain linear output layer; using the usual loss")
+        say("note: --lean-loss applies to causal LMs with a plain linear output layer and no added loss "
+            "(such as a mixture of experts' router loss); using the usual loss")
     elif next(model.parameters()).is_cuda and liger_available():
         say("note: --lean-loss uses Liger's fused linear cross-entropy (liger-kernel)")
     return found

@@ -256,6 +256,7 @@ def test_gpu_memory_picks_the_largest_batch_the_estimate_says_fits(cli, tiny_reg
         assert fits.total <= 64 * 2**20 < bigger.total
     assert row["largest_batch_checkpointing"] > row["largest_batch"]
     assert row["fits_at_batch_1"] is row["fits_at_batch_1_checkpointing"] is True
+    assert row["at_search_limit"] is row["at_search_limit_checkpointing"] is False
 
 
 @pytest.mark.parametrize("optimizer", ["baseline", "lora"])

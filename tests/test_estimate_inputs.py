@@ -95,7 +95,9 @@ def test_the_batch_search_says_where_it_stopped(cli):
     args = ["estimate", "--model", "tiny-llama", "--optimizer", "baseline", "--gpu-memory", "100TiB",
             "--max_length", "16"]
     found = json.loads(cli(*args, "--json").output)
-    assert found["optimizers"][0]["largest_batch"] == found["batch_search_limit"] == 65536
+    row = found["optimizers"][0]
+    assert row["largest_batch"] == found["batch_search_limit"] == 65536 and row["at_search_limit"] is True
+    assert row["at_search_limit_checkpointing"] is True
     assert ">= 65536" in cli(*args).output  # "at least", not a figure the search never passed
 
 
@@ -206,3 +208,12 @@ def test_a_model_that_cannot_checkpoint_is_not_estimated_with_it(cli, plugins, t
             assert reason in row["checkpointing_error"]
     table = cli("estimate", *model, "--optimizer", "baseline", "--gpu-memory", "64MiB", "--max_length", "64")
     assert table.exit_code == 0 and "with checkpointing: n/a, --activation-checkpointing" in table.output
+
+
+def test_checkpointing_has_trains_spellings_in_estimate(cli):
+    common = ["--model", "tiny-llama", "--optimizer", "baseline", "--max_length", "64"]
+    totals = {flag: estimated(cli, *common, flag)["total"]
+              for flag in ("--activation-checkpointing", "--activation_checkpointing",
+                           "--gradient-checkpointing", "--gradient_checkpointing")}
+    assert len(set(totals.values())) == 1
+    assert estimated(cli, *common)["total"] > totals["--activation-checkpointing"]

@@ -114,6 +114,21 @@ def test_lean_loss_equals_the_plain_loss_and_gradients(family):
     assert chunked_causal_lm_loss(hidden, head, nothing, chunk=7).isnan()
 
 
+def test_lean_loss_leaves_models_whose_loss_is_more_than_cross_entropy():
+    """A mixture of experts with its router loss on, or logits soft-capped: the usual loss stays."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from lowmem.lean_loss import output_head
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=384)
+    experts = dict(small, num_local_experts=2, num_experts_per_tok=1)
+    assert output_head(MixtralForCausalLM(MixtralConfig(**experts))) is not None
+    assert output_head(MixtralForCausalLM(MixtralConfig(**experts, output_router_logits=True))) is None
+    assert output_head(Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=30.0))) \
+        is None
+
+
 def test_lean_loss_trains_like_the_plain_loss(tiny_registry, tmp_path):
     plain = run(tiny_registry, tmp_path, "plain")
     lean = run(tiny_registry, tmp_path, "lean", lean_loss=True)

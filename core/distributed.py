@@ -93,7 +93,9 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.local_rank] if self.backend == "nccl" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # The gradients are views of DDP's communication buckets, not a second copy of them:
+        # without this every process holds all gradients twice.
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def no_sync(self, model, sync: bool):
         """Skip DDP's all-reduce on all but the last micro-batch of an accumulation group. A

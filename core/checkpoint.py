@@ -41,6 +41,11 @@ class TrainState:
     nonfinite_skips: int = 0
     wall_seconds: float = 0.0  # the whole run so far
     train_seconds: float = 0.0  # training steps only: no model build, evaluation or saving
+    # Under --compile, each process's first step compiles the model: its time, tokens and count
+    # are kept apart, so the speed figures measure the compiled steps.
+    compile_seconds: float = 0.0
+    compile_tokens: int = 0
+    compile_steps: int = 0
 
 
 def _rng_state() -> dict[str, Any]:

@@ -57,6 +57,8 @@ class RunResult:
     world_optimizer_state_bytes: int | None = None
     world_peak_memory_bytes: int | None = None
     per_process: list[dict[str, int]] | None = None
+    # --compile: the seconds of the steps that compiled (each process's first), not in train_seconds
+    compile_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -100,6 +100,7 @@ def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, 
     pending: list[Any] = []  # step losses on the device since the last log row
     logged_at = (state.train_seconds, state.tokens)
     last_loss = None
+    compiling = config.compile  # this process's first step compiles: timed apart (TrainState)
     with Progress(job.total_steps, enabled=dist.is_main) as progress:
         job.train_model.train()
         while not finished(job, state):
@@ -133,7 +134,14 @@ def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, 
                            "mean_loss": sum(losses) / len(losses)})
                 progress.update(state.step, tokens, last_loss, result.lr, tps, memory.now_bytes(job.device))
                 logged_at = (seconds, tokens)
-            state.train_seconds += time.perf_counter() - began
+            if compiling:
+                state.compile_seconds += time.perf_counter() - began
+                if result.skipped is None:
+                    state.compile_tokens += result.tokens
+                    state.compile_steps += 1
+                logged_at, compiling = (state.train_seconds, state.tokens), False
+            else:
+                state.train_seconds += time.perf_counter() - began
             if result.stop:
                 state.wall_seconds = time.perf_counter() - started
                 checkpoint.save(job, state, dist)
@@ -171,9 +179,7 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
     result = RunResult(
         model=config.model, optimizer=config.optimizer, mode=config.mode, output_dir=config.output_dir,
         steps=state.step, tokens=state.tokens, final_loss=last_loss, **final_eval,
-        wall_seconds=time.perf_counter() - started, train_seconds=state.train_seconds,
-        tokens_per_second=state.tokens / max(state.train_seconds, 1e-9),
-        step_seconds=state.train_seconds / state.step,
+        wall_seconds=time.perf_counter() - started, **speed(state),
         **memory.run_figures(job.model, job.optimizer, job.grad_bytes,
                              peaks.get("peak_allocated_bytes", memory.peak_rss_bytes()), dist.gather),
         trainable_params=trainable, total_params=total_params, peak_rss_bytes=memory.peak_rss_bytes(),
@@ -247,6 +253,18 @@ def finished(job: Run, state: TrainState) -> bool:
     if job.config.mode == "pretraining":
         return state.tokens >= job.config.num_training_tokens
     return state.epoch >= job.config.num_epochs
+
+
+def speed(state: TrainState) -> dict[str, Any]:
+    """train_seconds, tokens_per_second and step_seconds, on the steps that did not compile
+    (on all of them where every step compiled: a run of one step per process)."""
+    seconds, tokens, steps = state.train_seconds, state.tokens - state.compile_tokens, \
+        state.step - state.compile_steps
+    if steps <= 0:
+        seconds, tokens, steps = seconds + state.compile_seconds, state.tokens, state.step
+    return {"train_seconds": state.train_seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
+            "step_seconds": seconds / steps,
+            "compile_seconds": state.compile_seconds if state.compile_steps else None}
 
 
 def tokens_left(job: Run, state: TrainState, world_size: int) -> int | None:

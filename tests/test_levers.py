@@ -36,6 +36,11 @@ def test_checkpointing_gives_bitwise_the_same_losses(tiny_registry, tmp_path, op
 def test_compile_trains_a_tiny_model(tiny_registry, tmp_path):
     rows = run(tiny_registry, tmp_path, "compiled", compile=True, num_training_tokens=512)
     assert len(rows) == 4
+    # The first step compiles: its time is reported apart, so the speed is the compiled steps'.
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0 and summary["step_seconds"] * 3 == \
+        pytest.approx(summary["train_seconds"])
+    assert summary["step_seconds"] < summary["compile_seconds"]
 
 
 @pytest.mark.slow  # two inductor compilations: about 45 s on 2 cores

@@ -5,9 +5,7 @@ Options are checked in callbacks (``typer.BadParameter`` -> exit 2); ``train`` b
 inside the commands that train or build models.
 """
 
-import inspect
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from lowmem.cli_check import check_app
-from lowmem.cli_commands import LowmemCommand, LowmemGroup, exit_on_error
+from lowmem.cli_commands import LowmemCommand, LowmemGroup, exit_on_error, is_main_process, start_processes
 from lowmem.cli_options import (
+    NPROC,
     Opt,
     config_from_options,
     existing_file,
@@ -43,12 +42,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(reports_app)  # estimate, compare, plot: top-level commands
 app.add_typer(check_app)  # check-optimizer
 
-NPROC = inspect.Parameter(
-    "nproc", inspect.Parameter.KEYWORD_ONLY, default=1,
-    annotation=Annotated[int, Opt("--nproc", callback=positive_int,
-                                  help="Start N data-parallel processes through torchrun")])
-
-
 @app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @with_parameters(NPROC)
 def train(**options: Any) -> None:
@@ -56,23 +49,13 @@ def train(**options: Any) -> None:
     nproc = options.pop("nproc")
     config = config_from_options(options)
     with exit_on_error():
-        if nproc == 1:  # accelerate launch --num_processes N may start one process: it starts the N
-            from lowmem.distributed import processes_to_start
-
-            nproc = processes_to_start(dict(os.environ))
-        if nproc > 1:
-            from lowmem.launch import launch_torchrun
-            from lowmem.resolve import resolve_config
-
-            # Bad input is found here, once, before any process starts.
-            resolve_config(config, get_registry(), say=lambda message: None)
-            raise typer.Exit(launch_torchrun(nproc, sys.argv))
+        start_processes(nproc, config)
         from lowmem.training import train as train_run
 
         result = train_run(config)
     from lowmem.cli_reports import print_result
 
-    if os.environ.get("RANK", "0") == "0":  # under a launcher, rank 0 alone prints the result
+    if is_main_process():
         print_result(result)
 
 

@@ -71,3 +71,26 @@ def exit_on_error() -> Iterator[None]:
             suffix = " (checkpoints already saved are intact)" if isinstance(exc, PluginFault) else ""
             typer.echo(f"{prefix}{exc}{suffix}", err=True)
         raise typer.Exit(int(exit_code_of(exc))) from None
+
+
+def start_processes(nproc: int, config: Any) -> None:
+    """``--nproc N`` (or an ``accelerate launch`` that started one process where it was asked for
+    N): check ``config`` once, then run this command again in N processes through torchrun and
+    exit with their code. Returns where this process is to do the work itself."""
+    if nproc == 1:
+        from lowmem.distributed import processes_to_start
+
+        nproc = processes_to_start(dict(os.environ))
+    if nproc > 1:
+        from lowmem.launch import launch_torchrun
+        from lowmem.registry import get_registry
+        from lowmem.resolve import resolve_config
+
+        # Bad input is found here, once, before any process starts.
+        resolve_config(config, get_registry(), say=lambda message: None)
+        raise typer.Exit(launch_torchrun(nproc, sys.argv))
+
+
+def is_main_process() -> bool:
+    """Under a launcher, rank 0 alone prints results and writes shared reports."""
+    return os.environ.get("RANK", "0") == "0"

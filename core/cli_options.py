@@ -283,3 +283,9 @@ def config_from_options(options: dict[str, Any], **overrides: Any) -> TrainConfi
     """The TrainConfig the checked option values describe."""
     values = {o.field: options[o.field] for o in TRAIN_OPTIONS if o.field in options}
     return TrainConfig(**{**values, **overrides})
+
+
+NPROC = inspect.Parameter(
+    "nproc", inspect.Parameter.KEYWORD_ONLY, default=1,
+    annotation=Annotated[int, Opt("--nproc", callback=positive_int,
+                                  help="Start N data-parallel processes through torchrun")])

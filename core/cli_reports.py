@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from lowmem.cli_commands import LowmemCommand, exit_on_error
+from lowmem.cli_commands import LowmemCommand, exit_on_error, is_main_process, start_processes
 from lowmem.cli_options import (
+    NPROC,
     Opt,
     choice,
     config_from_options,
@@ -144,12 +145,14 @@ COMPARE_OPTIONS = (
 
 
 @reports_app.command(cls=LowmemCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@with_parameters(*COMPARE_OPTIONS, leave_out=("optimizer", "output_dir", "resume"))
+@with_parameters(*COMPARE_OPTIONS, NPROC, leave_out=("optimizer", "output_dir", "resume"))
 def compare(**options: Any) -> None:
     """Train with several optimizers under the same settings and compare them, sorted by peak memory.
 
-    Takes every `lowmem train` option (--mode, --model, budgets, config files, ...)."""
+    Takes every `lowmem train` option (--mode, --model, budgets, config files, --nproc, ...)."""
     from lowmem.compare import parse_optimizer_list
+
+    nproc = options.pop("nproc")
 
     try:
         asked = parse_optimizer_list(options.pop("optimizers"))
@@ -168,13 +171,16 @@ def compare(**options: Any) -> None:
         if not names:
             raise ConfigError("no installed optimizer to compare")
         base = config_from_options(options, optimizer=names[0])
+        start_processes(nproc, base)
         parent.mkdir(parents=True, exist_ok=True)
         reference = registry.reference_optimizer()
-        runs = run_all(base, names, parent, registry)
-        write_reports(parent, runs, base, reference)
-        print_table(runs, f"lowmem compare: {base.model} ({base.mode})", reference)
-        write_compare_plot(by_peak_memory(runs), parent / "compare.png")
-        typer.echo(f"wrote compare.json, compare.md, compare.png in {parent}")
+        main = is_main_process()
+        runs = run_all(base, names, parent, registry, say=None if main else lambda message: None)
+        if main:
+            write_reports(parent, runs, base, reference)
+            print_table(runs, f"lowmem compare: {base.model} ({base.mode})", reference)
+            write_compare_plot(by_peak_memory(runs), parent / "compare.png")
+            typer.echo(f"wrote compare.json, compare.md, compare.png in {parent}")
         if all(r.result is None for r in runs):
             raise typer.Exit(1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,9 +124,18 @@ def reset_peak_memory() -> None:
 def run_all(base: TrainConfig, optimizers: list[str], parent: Path, registry: Registry,
             say: Callable[[str], None] | None = None) -> list[CompareRun]:
     """Train with each optimizer in turn (output in ``parent/<optimizer>``), same seed and budget."""
+    from lowmem.distributed import launcher_group
+
+    # Under torchrun or accelerate, the runs share one process group, joined here once.
+    with launcher_group(dict(os.environ), want_cuda=base.device != "cpu"):
+        return _run_each(base, optimizers, parent, registry,
+                         say or (lambda message: print(message, file=sys.stderr, flush=True)))
+
+
+def _run_each(base: TrainConfig, optimizers: list[str], parent: Path, registry: Registry,
+              say: Callable[[str], None]) -> list[CompareRun]:
     from lowmem.training import train
 
-    say = say or (lambda message: print(message, file=sys.stderr, flush=True))
     runs = []
     for name in optimizers:
         output_dir = parent / name.replace("+", "-")

@@ -8,7 +8,8 @@ answers the few questions the loop asks (who am I, do all ranks agree, sum this)
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ class DistContext:
     local_rank: int = 0
     backend: str = ""
     owns_group: bool = False  # a one-process group made for FSDP (``ensure_group``)
+    # The launcher's group was already joined by the caller (``lowmem compare`` holds one for all
+    # its runs): leaving it is the caller's job. Joining anew after leaving would meet the first
+    # group's keys in the launcher's store, and gloo can then hang.
+    borrowed: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -79,12 +84,16 @@ class DistContext:
         import torch.distributed as dist
 
         backend = "nccl" if want_cuda and torch.cuda.is_available() else "gloo"
-        if not dist.is_initialized():
+        borrowed = dist.is_initialized()
+        if borrowed:
+            backend = dist.get_backend()
+        else:
             dist.init_process_group(backend=backend)
         from lowmem.launch import stop_without_launcher
 
         stop_without_launcher(environ)
-        return cls(dist.get_rank(), dist.get_world_size(), int(environ.get("LOCAL_RANK", "0")), backend)
+        return cls(dist.get_rank(), dist.get_world_size(), int(environ.get("LOCAL_RANK", "0")), backend,
+                   borrowed=borrowed)
 
     # -- what the loop asks -----------------------------------------------------------------
     def wrap(self, model):
@@ -210,8 +219,23 @@ class DistContext:
                 gc.collect()
                 if completed and self.active:
                     dist.barrier()
-                dist.destroy_process_group()
-                gc.collect()
+                if not self.borrowed:
+                    dist.destroy_process_group()
+                    gc.collect()
+
+
+@contextmanager
+def launcher_group(environ: dict[str, str], want_cuda: bool) -> Iterator[DistContext]:
+    """The launcher's process group, joined once for several runs in one process (``lowmem
+    compare``): each run borrows it, and it is left at the end."""
+    context = DistContext.from_launcher(environ, want_cuda)
+    completed = False
+    try:
+        yield context
+        completed = True
+    finally:
+        context.borrowed = False
+        context.close(completed)
 
 
 def processes_to_start(environ: dict[str, str]) -> int:

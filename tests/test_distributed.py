@@ -147,6 +147,22 @@ def test_torchrun_directly(launch_env, tmp_path):
     assert summary["world_size"] == 2 and summary["tokens"] == 1024
 
 
+def test_compare_on_two_processes_runs_each_optimizer_in_one_process_group(launch_env, tmp_path):
+    """`lowmem compare --nproc 2`: the runs share the launcher's group (joining it anew after each
+    run could hang on its stale keys), and rank 0 alone writes the reports."""
+    args = pretrain_args(tmp_path, "lora", out="compared", tokens=512, extra=["--shuffle", "false"])
+    at = args.index("--optimizer")
+    args = ["compare", *args[1:at], "--optimizers", "lora,galore8bit,baseline", *args[at + 2:]]
+    result = launch(launch_env, *args, "--nproc", "2", "--parallel", "fsdp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("wrote compare.json") == 1
+    compared = json.loads((tmp_path / "compared" / "compare.json").read_text())
+    assert [run["status"] for run in compared["runs"]] == ["ok"] * 3, compared["runs"]
+    for name in ("lora", "galore8bit", "baseline"):
+        config = json.loads((tmp_path / "compared" / name / "config.json").read_text())
+        assert config["world_size"] == 2 and config["parallel"] == "fsdp"
+
+
 @pytest.mark.slow
 def test_updating_in_backward_before_the_reduction_is_refused_in_one_line(launch_env, tmp_path):
     """LOMO updates inside its own fused backward, before DDP could average the gradients."""

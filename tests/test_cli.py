@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -188,6 +189,13 @@ def test_output_dir_that_is_a_file_is_refused_early(cli, captured, tmp_path):
     for target in (blocker, blocker / "run"):
         result = cli(*BASE, "--output-dir", target)
         assert result.exit_code == 2 and "is a file" in result.output
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_dir_that_cannot_be_made_is_refused_early(cli, captured):
+    result = cli(*BASE, "--output-dir", "/proc/lowmem-nowhere/run")
+    assert result.exit_code == 2 and "cannot be created" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not captured
 
 
 def test_config_path_that_is_a_directory(cli, captured, tmp_path):

@@ -99,6 +99,9 @@ class Optimizer:
     # False when a sharded checkpoint of its state loads only into the same number of
     # processes (state kept per slice in a form that does not re-slice, such as 8-bit blocks).
     reshards: ClassVar[bool] = True
+    # False when it cannot train on several DDP processes either (it updates inside backward,
+    # before DDP averages the gradients): refusals then point to one process, not to DDP.
+    data_parallel: ClassVar[bool] = True
 
     def shard_dims(self, model: torch.nn.Module, settings: OptimizerSettings) -> Mapping[str, int]:
         """Parameters (by name) that FSDP should split along another dimension than rows (0),

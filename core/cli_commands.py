@@ -13,7 +13,7 @@ from typing import Any
 import typer
 import typer.core
 
-from lowmem.errors import LowmemError, PluginFault, exit_code_of
+from lowmem.errors import ConfigError, LowmemError, PluginFault, exit_code_of
 
 
 class _HelpFlagDefaultsFalse:
@@ -77,10 +77,19 @@ def start_processes(nproc: int, config: Any) -> None:
     """``--nproc N`` (or an ``accelerate launch`` that started one process where it was asked for
     N): check ``config`` once, then run this command again in N processes through torchrun and
     exit with their code. Returns where this process is to do the work itself."""
-    if nproc == 1:
-        from lowmem.distributed import processes_to_start
+    from lowmem.distributed import processes_to_start
 
-        nproc = processes_to_start(dict(os.environ))
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1:  # a launcher started the processes: this is one of them
+        if nproc not in (1, launched):
+            raise ConfigError(f"--nproc {nproc} under a launcher that started {launched} processes; "
+                              "give the count once: drop --nproc, or launch with lowmem alone")
+        return
+    asked = processes_to_start(dict(os.environ))
+    if asked > 1 and nproc not in (1, asked):
+        raise ConfigError(f"--nproc {nproc} and accelerate's --num_processes {asked} disagree; give the "
+                          "count once")
+    nproc = max(nproc, asked)
     if nproc > 1:
         from lowmem.launch import launch_torchrun
         from lowmem.registry import get_registry

@@ -147,7 +147,9 @@ def estimate(
     per_layer = bool(config.get("per_layer", False))
     check_combination(dtype, per_layer)
     if parallel == "fsdp" and not optimizer_plugin.shards:  # first, as a run says it
-        raise ConfigError(f"optimizer {optimizer_plugin.name!r} does not support --parallel fsdp")
+        from lowmem.resolve import fsdp_refusal
+
+        raise ConfigError(fsdp_refusal(optimizer_plugin))
     model = model_plugin.build(ModelRequest(
         objective=objective, vocab_size=model_plugin.vocab_size,
         num_labels=2 if objective == CLASSIFICATION else 0, device="meta",

@@ -44,8 +44,7 @@ def resolve_config(config: TrainConfig, registry: Registry, say: Callable[[str],
     optimizer = registry.optimizer(config.optimizer)
     model = registry.model_for(config.model)
     if config.parallel == "fsdp" and not optimizer.shards:
-        raise ConfigError(f"optimizer {optimizer.name!r} does not support --parallel fsdp (its updates are "
-                          "not known to be exact on sharded parameters); use --parallel ddp")
+        raise ConfigError(fsdp_refusal(optimizer))
     dataset, source = resolve_dataset(config, registry)
     merged = merge_optimizer_config(optimizer, config, say)
     changes: dict[str, Any] = {"optimizer_config": merged, "per_layer": bool(merged.get("per_layer", False)),
@@ -109,6 +108,13 @@ def check_values(config: TrainConfig) -> None:
     for target in config.report_to:
         if target not in REPORTERS:
             raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")
+
+
+def fsdp_refusal(optimizer: Any) -> str:
+    """Why ``--parallel fsdp`` is refused for an optimizer that does not shard, and what works."""
+    instead = "--parallel ddp" if optimizer.data_parallel else "one process (it updates inside backward)"
+    return (f"optimizer {optimizer.name!r} does not support --parallel fsdp (its updates are not known to "
+            f"be exact on sharded parameters); use {instead}")
 
 
 def length_for(max_positions: int, max_length: int | None) -> int:

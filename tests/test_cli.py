@@ -198,6 +198,19 @@ def test_output_dir_that_cannot_be_made_is_refused_early(cli, captured):
     assert len(result.output.strip().splitlines()) == 1 and not captured
 
 
+def test_nproc_that_disagrees_with_the_launcher_is_refused(cli, captured, monkeypatch):
+    import lowmem.distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one of two processes torchrun started
+    result = cli(*BASE, "--nproc", "3")
+    assert result.exit_code == 2 and "--nproc 3 under a launcher that started 2" in result.output
+    assert not captured
+    monkeypatch.delenv("WORLD_SIZE")  # accelerate's single-process launcher, asked for 2
+    monkeypatch.setattr(lowmem.distributed, "processes_to_start", lambda environ: 2)
+    result = cli(*BASE, "--nproc", "3")
+    assert result.exit_code == 2 and "disagree" in result.output and not captured
+
+
 def test_config_path_that_is_a_directory(cli, captured, tmp_path):
     result = cli(*BASE, "--optimizer-config", tmp_path)
     assert result.exit_code == 2 and "is a directory" in result.output

@@ -116,6 +116,12 @@ def test_optimizers_that_do_not_shard_are_refused_in_one_line(cli, tmp_path):
     result = cli(*pretrain_args(tmp_path, "adafactor", extra=["--parallel", "fsdp"]))
     assert result.exit_code == 2
     assert "does not support --parallel fsdp" in result.output and "Traceback" not in result.output
+    assert "use --parallel ddp" in result.output
+    # LOMO cannot train on DDP processes either: the refusal does not send the user there.
+    lomo = cli(*pretrain_args(tmp_path, "lomo", extra=["--parallel", "fsdp", "--max-grad-norm", "0"]))
+    assert lomo.exit_code == 2 and "use one process" in lomo.output and "--parallel ddp" not in lomo.output
+    estimated = cli("estimate", "--model", "tiny-llama", "--optimizer", "lomo", "--parallel", "fsdp")
+    assert estimated.exit_code == 2 and estimated.output == lomo.output
     assert cli(*pretrain_args(tmp_path, "baseline", extra=["--parallel", "zero"])).exit_code == 2
 
 

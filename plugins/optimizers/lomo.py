@@ -29,6 +29,7 @@ def register_optimizers(register):
 
 
 class Lomo(lowmem.Optimizer):
+    data_parallel = False  # updates inside backward, before DDP could average the gradients
     name = "lomo"
     description = "LOMO: SGD fused into backward, no optimizer state (lomo-optim)"
     default_config = dict(LOMO_DEFAULTS)

@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -298,19 +299,12 @@ def check_writable_folder(path: Path) -> None:
         raise ConfigError(f"--output-dir {path} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--output-dir {path} cannot be written: {existing} is read-only")
-    # Some places refuse folders whatever their permissions say (/proc, a full or read-only
-    # mount): try, and take back what was made.
-    made = [p for p in [path, *path.parents] if not p.exists()]
+    # Some places refuse folders whatever their permissions say (/proc, a read-only mount): try
+    # one of a unique name, so that processes checking at once do not meet, and take it back.
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".lowmem-check-", dir=existing))
     except OSError as exc:
         raise ConfigError(f"--output-dir {path} cannot be created: {exc.strerror or exc}") from None
-    finally:
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
 
 
 def run_dir_of(path: Path) -> Path:

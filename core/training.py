@@ -19,6 +19,7 @@ from typing import Any
 
 from lowmem import checkpoint, memory
 from lowmem.assemble import Run, assemble, parameter_groups
+from lowmem.batching import TrainBatches
 from lowmem.checkpoint import TrainState
 from lowmem.config import TrainConfig
 from lowmem.distributed import DistContext
@@ -96,7 +97,7 @@ def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, 
                say: Say, started: float) -> float | None:
     """Optimizer steps until the budget is spent; returns the last step's loss."""
     config = job.config
-    batches = Batches(job, state, dist.world_size)
+    batches = TrainBatches(job, state, dist.world_size)
     pending: list[Any] = []  # step losses on the device since the last log row
     logged_at = (state.train_seconds, state.tokens)
     last_loss = None
@@ -107,7 +108,7 @@ def train_loop(job: Run, state: TrainState, files: RunFiles, dist: DistContext, 
             began = time.perf_counter()
             group = batches.group(config.grad_accum, trim_to=tokens_left(job, state, dist.world_size))
             if group is None:
-                continue  # an epoch ended mid-group; Batches moved on to the next one
+                continue  # an epoch ended mid-group; TrainBatches moved on to the next one
             result = take_step(job, group, dist, stop_requested=bool(stop_requested))
             if result.skipped is not None:
                 state.nonfinite_skips += 1
@@ -192,61 +193,6 @@ def finish(job: Run, state: TrainState, files: RunFiles, dist: DistContext, star
 
 
 # -- the loop's helpers ----------------------------------------------------------------------
-class Batches:
-    """This rank's micro-batches across epochs, keeping ``state.epoch`` and
-    ``state.batch_in_epoch`` (global batches) current for resume."""
-
-    def __init__(self, job: Run, state: TrainState, world_size: int):
-        from lowmem.data import train_batches
-
-        self.job, self.state, self.world_size = job, state, world_size
-        self.make = train_batches
-        self.batches: Iterator[Any] = iter(train_batches(job.data, state.epoch, skip=state.batch_in_epoch))
-        self.fruitless_epochs = 0  # epochs ended since the last step: guards against endless loops
-
-    def next_epoch(self) -> None:
-        self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
-        self.batches = iter(self.make(self.job.data, self.state.epoch))
-
-    def group(self, size: int, trim_to: int | None) -> list[dict[str, Any]] | None:
-        """``size`` micro-batches (every step has exactly as many: per-layer optimizers count
-        them), or None when the epoch ended first (the partial group is dropped). Pretraining
-        cycles over the corpus; ``trim_to`` keeps only that many rows of each (the last step)."""
-        group: list[dict[str, Any]] = []
-        while len(group) < size:
-            with self.job.registry.guard(self.job.data.dataset, "records"):
-                batch = next(self.batches, None)
-                if batch is None and self.job.config.mode == "pretraining":  # cycle until the budget
-                    self.next_epoch()
-                    batch = next(self.batches, None)
-            if batch is None:
-                self.fruitless_epochs += 1
-                if self.fruitless_epochs > 1:  # a whole epoch cannot fill one step
-                    raise ConfigError(
-                        f"the training data is too small: one epoch does not fill a step of {size} batch(es) "
-                        f"of {self.job.config.batch_size} on each of {self.world_size} process(es)")
-                self.next_epoch()
-                return None
-            batch["lowmem_seed"] = self.seed_of_next_batch()
-            self.state.batch_in_epoch += self.world_size
-            group.append(batch)
-        if trim_to is not None:
-            group = [{k: v[:trim_to] if v.dim() else v for k, v in batch.items()} for batch in group]
-        return group
-
-    def seed_of_next_batch(self) -> Any:
-        """The seed of dropout in the batch just taken, from its global index: the same on
-        whichever process and in whichever micro-batch it runs, so N processes draw the masks
-        one process accumulating N micro-batches draws, and no two processes draw the same."""
-        import torch
-
-        from lowmem.batching import batch_seed
-
-        data = self.job.data
-        index = self.state.batch_in_epoch + data.rank  # global batch i is rank i % world_size's
-        return torch.tensor(batch_seed("dropout", data.seed, self.state.epoch, index))
-
-
 def finished(job: Run, state: TrainState) -> bool:
     if state.step >= job.total_steps:
         return True

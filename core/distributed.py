@@ -234,8 +234,7 @@ def launcher_group(environ: dict[str, str], want_cuda: bool) -> Iterator[DistCon
         yield context
         completed = True
     finally:
-        context.borrowed = False
-        context.close(completed)
+        context.close(completed)  # leaves the group unless a caller had joined it before
 
 
 def processes_to_start(environ: dict[str, str]) -> int:

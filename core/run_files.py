@@ -1,4 +1,5 @@
-"""The run folder contract: config.json, metrics.jsonl, summary.json, model/, event files.
+"""The run folder: which one (``run_folder``), and its contract: config.json, metrics.jsonl,
+summary.json, model/, event files.
 
 Only the main process writes; other ranks get a RunFiles whose writes do nothing.
 
@@ -11,14 +12,17 @@ their first step: ``record_after_first_step`` adds it to config.json then.
 
 from __future__ import annotations
 
+import datetime as _dt
 import importlib.metadata
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowmem.config import TrainConfig
+from lowmem.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from lowmem.registry import Registry
@@ -201,3 +205,61 @@ class RunFiles:
             return []
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
         return [row["loss"] for row in rows if "loss" in row]
+
+
+# -- which folder -----------------------------------------------------------------------------
+def run_folder(config: TrainConfig, model: str, optimizer: str) -> Path:
+    """The run folder: given, the resumed run's, or a new dated one; never an existing run
+    unless resuming it, and writable."""
+    output_dir = config.output_dir or None
+    if config.resume and config.resume != "latest" and output_dir is None:
+        output_dir = str(run_dir_of(Path(config.resume)))
+    if config.resume == "latest" and output_dir is None:
+        raise ConfigError(
+            "--resume latest needs --output-dir: the run folder whose newest checkpoint to continue")
+    if output_dir is None:
+        path = new_run_dir(model, optimizer)
+    else:
+        path = Path(output_dir)
+        if not config.resume and (path / "config.json").exists():
+            raise ConfigError(f"{path} already holds a run; choose another --output-dir or continue it "
+                              "with --resume latest")
+    check_writable_folder(path)
+    return path
+
+
+def new_run_dir(model: str, optimizer: str, root: Path = Path("runs")) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = root / f"{stamp}-{model}-{optimizer.replace('+', '-')}"
+    candidate, n = base, 1
+    while candidate.exists():  # never silently overwrite an existing run
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def check_writable_folder(path: Path) -> None:
+    """The run folder must be (or become) a writable directory: found now, not after the model
+    is built."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--output-dir {path} cannot be written: {existing} is read-only")
+    # Some places refuse folders whatever their permissions say (/proc, a read-only mount): try
+    # one of a unique name, so that processes checking at once do not meet, and take it back.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lowmem-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {path} cannot be created: {exc.strerror or exc}") from None
+
+
+def run_dir_of(path: Path) -> Path:
+    """A checkpoint folder's run folder (``RUN/checkpoints/step-N`` -> ``RUN``), or the folder itself."""
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path

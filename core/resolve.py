@@ -102,9 +102,6 @@ def check_values(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be 0 or more, got {value}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise ConfigError(f"lr must be a positive number, got {config.lr}")
-    if config.compile and config.lean_loss:
-        raise ConfigError("--lean-loss and --compile do not combine: the lean loss swaps the output layer "
-                          "for each forward, which a compiled graph cannot follow; choose one")
     for target in config.report_to:
         if target not in REPORTERS:
             raise ConfigError(f"--report-to {target!r} is not one of: {', '.join(REPORTERS)}")

@@ -165,3 +165,16 @@ def test_liger_lean_loss_equals_the_chunked_one_on_cuda():
     (grad_fused,) = torch.autograd.grad(fused, hidden)
     (grad_chunked,) = torch.autograd.grad(chunked, hidden)
     assert torch.allclose(grad_fused, grad_chunked, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # two inductor compilations: about 60 s on 2 cores
+def test_compile_with_the_lean_loss_trains_as_without(tiny_registry, tmp_path):
+    """The head swapped out for the lean loss is traced like any module: compiled, the run takes the
+    chunked loss and steps as the eager one does, to inductor's rounding."""
+    lean = dict(lean_loss=True, num_training_tokens=512)
+    compiled = run(tiny_registry, tmp_path, "compiled", compile=True, **lean)
+    eager = run(tiny_registry, tmp_path, "eager", **lean)
+    assert len(compiled) == 4
+    assert [loss for loss, _ in compiled] == pytest.approx([loss for loss, _ in eager], rel=1e-4)
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert config["compile"] and config["applied_lean_loss"]

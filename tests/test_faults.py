@@ -156,6 +156,31 @@ def test_per_layer_updates_stop_at_a_non_finite_gradient(faulty_cli, tmp_path):
     assert [p.name for p in saved] == ["step-2"] and all_finite(saved[0])
 
 
+@pytest.mark.parametrize("optimizer", ["lomo", "adalomo"])
+def test_lomo_logs_the_gradient_norm_and_holds_back_a_non_finite_gradient(faulty_cli, tmp_path, optimizer):
+    """LOMO updates inside backward too: it logs the norm of the gradients it updated from (the
+    one a normal step logs), and an inf gradient reaches no weight."""
+    from lowmem.checkpoint_files import complete_checkpoints
+
+    first = pretrain_args(tmp_path, optimizer, out="plain", tokens=256)
+    assert faulty_cli(*first).exit_code == 0
+    reference = pretrain_args(tmp_path, "baseline", out="reference", tokens=256)
+    assert faulty_cli(*reference).exit_code == 0
+    norms = [[r["grad_norm"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("plain", "reference")]
+    assert norms[0][0] == pytest.approx(norms[1][0], rel=1e-5)  # the same first gradients
+    assert all(n is not None and math.isfinite(n) for n in norms[0])
+
+    args = with_model(pretrain_args(tmp_path, optimizer, tokens=1500, extra=["--on-nonfinite", "skip"]),
+                      "inf-gradient-at-3")
+    result = faulty_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "non-finite gradient norm at step 3; the rest of the update skipped" in result.output
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert rows and all(math.isfinite(r["grad_norm"]) for r in rows)
+    saved = complete_checkpoints(tmp_path / "run")
+    assert saved and all(all_finite(checkpoint) for checkpoint in saved)
+
+
 def test_fp16_overflow_is_skipped_by_the_scaler_without_advancing_the_schedule(faulty_cli, tmp_path):
     args = with_model(pretrain_args(tmp_path, "baseline", tokens=1500), "overflow-at-3")
     args[args.index("--dtype") + 1] = "fp16"

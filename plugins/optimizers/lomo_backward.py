@@ -78,6 +78,8 @@ class LomoInBackward(torch.optim.Optimizer, GradientTally):
         self.micro_batches = [0] * len(self.parameters_in_order)
         self.steps = 0  # optimizer steps that updated; AdaLomo's step number
         self.window_updated = False
+        self.norm_squared: torch.Tensor | None = None  # of the gradients updated from since zero_grad
+        self.nonfinite = False  # a gradient of this window was inf/NaN: no weight changes until zero_grad
         GradientTally.__init__(self)  # one gradient at a time, or all of them while accumulating
         if adaptive:
             for p in self.parameters_in_order:
@@ -103,6 +105,12 @@ class LomoInBackward(torch.optim.Optimizer, GradientTally):
             self.micro_batches[index] = 0
             if param.grad is not None:
                 self.gradient_released(param.grad)
+                if not self._finite(param.grad):
+                    # The non-finite check a normal step makes on the global norm, weight by weight:
+                    # an inf/NaN gradient reaches no weight, nor does any after it in this window.
+                    self.nonfinite = True
+                    param.grad = None
+                    return
             if not self.window_updated:
                 self.steps += 1
                 self.window_updated = True
@@ -128,6 +136,18 @@ class LomoInBackward(torch.optim.Optimizer, GradientTally):
                 self.view.current = []
         param.grad = None
 
+    def _finite(self, grad: torch.Tensor) -> bool:
+        """Adds ``grad`` to the window's squared norm; whether it and every one before it in this
+        window were finite (one host read per weight)."""
+        square = grad.detach().float().pow(2).sum()
+        self.norm_squared = square if self.norm_squared is None else self.norm_squared + square
+        return not self.nonfinite and bool(torch.isfinite(square).item())
+
+    def grad_norm_squared(self) -> torch.Tensor | None:
+        """The squared norm of the gradients this window updated from (or met non-finite), which
+        the loop logs as the step's gradient norm."""
+        return self.norm_squared
+
     def step(self, closure=None):
         """Nothing to do: each parameter was updated by its hook during backward."""
         if closure is not None:
@@ -141,6 +161,8 @@ class LomoInBackward(torch.optim.Optimizer, GradientTally):
         self.micro_batches = [0] * len(self.micro_batches)
         self.window_updated = False
         self.held_gradient_bytes = 0
+        self.norm_squared = None
+        self.nonfinite = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "engine"):

@@ -84,6 +84,11 @@ def check_types(config: TrainConfig) -> None:
             continue  # dicts and tuples are checked where they are read
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise ConfigError(f"{spec.name} must be {' or '.join(kinds)}, got {value!r}")
+    if not isinstance(config.optimizer_config, dict):
+        raise ConfigError(f"optimizer_config must be a dict of settings, got {config.optimizer_config!r}")
+    # A lone string would otherwise be read letter by letter.
+    if not isinstance(config.report_to, tuple | list) or not all(isinstance(t, str) for t in config.report_to):
+        raise ConfigError(f"report_to must be a tuple of names, got {config.report_to!r}")
 
 
 def check_values(config: TrainConfig) -> None:
@@ -170,6 +175,9 @@ def merge_optimizer_config(optimizer: Optimizer, config: TrainConfig,
         if "per_layer" not in optimizer.default_config:
             raise ConfigError(f"--per-layer: optimizer {optimizer.name!r} has no per-layer mode (those with "
                               "one have a 'per_layer' setting; lowmem list-optimizers)")
+        overridden = [source for source, values in layers if values.get("per_layer") is False]
+        if overridden:
+            say(f"note: --per-layer overrides per_layer false in {', '.join(overridden)}")
         layers.append(("--per-layer", {"per_layer": True}))
     return merge_layers(optimizer, layers)
 

@@ -63,6 +63,8 @@ def test_config_json_is_the_resolved_config_and_resolving_again_changes_nothing(
     ({"lean_loss": "false"}, "lean_loss must be bool, got 'false'"),
     ({"batch_size": True}, "batch_size must be int, got True"),
     ({"max_steps": 2.5}, "max_steps must be int or None, got 2.5"),
+    ({"optimizer_config": [1]}, "optimizer_config must be a dict of settings, got [1]"),
+    ({"report_to": "wandb"}, "report_to must be a tuple of names, got 'wandb'"),
 ])
 def test_bad_input_raises_config_error_never_exits(tiny_registry, tmp_path, changes, needle):
     try:
@@ -178,3 +180,12 @@ def test_plugin_attributes_replace_names_in_the_core(tiny_registry):
     assert tiny_registry.default_dataset("finetuning") == "stdlib-topics"
     assert tiny_registry.tokenizer_corpus().name == "stdlib-docs"
     assert tiny_registry.reference_optimizer() == "baseline"
+
+
+def test_per_layer_switch_over_a_setting_of_false_says_so(tiny_registry, tmp_path):
+    said: list[str] = []
+    config = tiny_config(tmp_path, per_layer=True, max_steps=1, max_grad_norm=0.0,
+                         optimizer_config={"rank": 4, "per_layer": False})
+    lowmem.train(config, tiny_registry, say=said.append)
+    assert "note: --per-layer overrides per_layer false in optimizer_config" in said
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optimizer_config"]["per_layer"] is True

@@ -92,7 +92,8 @@ def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | st
             continue
         largest = largest_batch(result, device_bytes)
         # at_search_limit: the search stopped at BATCH_SEARCH_LIMIT, so a larger batch may fit too
-        row: dict[str, object] = {"optimizer": name, "largest_batch": largest, "fits_at_batch_1": largest > 0,
+        row: dict[str, object] = {"optimizer": name, "per_layer": result.per_layer,
+                                  "largest_batch": largest, "fits_at_batch_1": largest > 0,
                                   "total_at_batch_1": result.at_batch(1).total,
                                   "at_search_limit": largest == BATCH_SEARCH_LIMIT}
         if isinstance(other, Breakdown):
@@ -109,6 +110,23 @@ def fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | st
     return rows
 
 
+def assumed_levers(breakdowns: list[Breakdown]) -> str:
+    """The levers beyond the dtype that the rows of a "what fits" table assumed, for its title."""
+    if not breakdowns:
+        return ""
+    settings = breakdowns[0].settings
+    levers = []
+    if settings.get("lean_loss"):
+        levers.append("lean loss")
+    if (settings.get("grad_accum") or 1) > 1:
+        levers.append(f"grad-accum {settings['grad_accum']}")
+    if settings.get("parallel") == "fsdp":
+        levers.append(f"per process of {settings.get('world_size')} (FSDP)")
+    if any(b.per_layer for b in breakdowns):
+        levers.append("per-layer" if all(b.per_layer for b in breakdowns) else "per-layer where offered")
+    return "".join(f", {lever}" for lever in levers)
+
+
 def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdown | str], device_bytes: int,
                as_json: bool = False) -> None:
     """``lowmem estimate --gpu-memory``: what fits, as a table or JSON."""
@@ -122,9 +140,12 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
     notes = shared_notes({name: r for name, r in plain.items() if isinstance(r, Breakdown)})
     if as_json:
         # A largest batch equal to the search limit means "at least that".
+        # The settings every row assumed (checkpointing is both columns; per-layer is per row).
+        assumed = {key: value for key, value in (first.settings if first else {}).items()
+                   if key not in ("batch_size", "activation_checkpointing", "optimizer_config")}
         print(json.dumps({"device_memory": device_bytes, "device": device, "dtype": dtype,
                           "max_length": length, "batch_search_limit": BATCH_SEARCH_LIMIT,
-                          "optimizers": rows, "notes": notes}, indent=2))
+                          "settings": assumed, "optimizers": rows, "notes": notes}, indent=2))
         return
     from rich.table import Table
 
@@ -132,7 +153,8 @@ def print_fits(plain: dict[str, Breakdown | str], recomputed: dict[str, Breakdow
 
     model = first.model if first else ""
     table = Table(title=f"what fits in {format_bytes(device_bytes)} of {device} memory: {model}, batches of "
-                        f"{length} tokens, {dtype}")
+                        f"{length} tokens, {dtype}"
+                        f"{assumed_levers([r for r in plain.values() if isinstance(r, Breakdown)])}")
     for column in ("optimizer", "largest batch", "with checkpointing", "at batch 1"):
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for row in rows:

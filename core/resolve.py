@@ -87,7 +87,8 @@ def check_types(config: TrainConfig) -> None:
     if not isinstance(config.optimizer_config, dict):
         raise ConfigError(f"optimizer_config must be a dict of settings, got {config.optimizer_config!r}")
     # A lone string would otherwise be read letter by letter.
-    if not isinstance(config.report_to, tuple | list) or not all(isinstance(t, str) for t in config.report_to):
+    targets = config.report_to
+    if not isinstance(targets, tuple | list) or not all(isinstance(t, str) for t in targets):
         raise ConfigError(f"report_to must be a tuple of names, got {config.report_to!r}")
 
 

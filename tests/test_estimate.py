@@ -351,3 +351,13 @@ def test_per_layer_gradients_are_all_held_while_accumulating(cli, tmp_path):
     assert gradients("--nproc", "2") == held  # DDP: its buckets hold every gradient
     assert gradients("--nproc", "2", "--parallel", "fsdp", "--grad-accum", "2") == held // 2
     assert gradients() < held / 2  # the largest one (the embedding table here)
+
+
+def test_gpu_memory_says_which_levers_its_answer_assumed(cli):
+    args = ("estimate", "--model", "tiny-llama", "--max-length", "64", "--gpu-memory", "64MiB",
+            "--optimizer", "galore8bit", "--per-layer", "--lean-loss", "--nproc", "2", "--parallel", "fsdp")
+    found = json.loads(cli(*args, "--json").output)
+    assert found["settings"]["lean_loss"] is True and found["settings"]["parallel"] == "fsdp"
+    assert found["settings"]["world_size"] == 2 and found["optimizers"][0]["per_layer"] is True
+    title = " ".join(cli(*args).output.split())
+    assert "lean loss" in title and "per process of 2 (FSDP)" in title and "per-layer" in title

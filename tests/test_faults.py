@@ -166,7 +166,8 @@ def test_lomo_logs_the_gradient_norm_and_holds_back_a_non_finite_gradient(faulty
     assert faulty_cli(*first).exit_code == 0
     reference = pretrain_args(tmp_path, "baseline", out="reference", tokens=256)
     assert faulty_cli(*reference).exit_code == 0
-    norms = [[r["grad_norm"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("plain", "reference")]
+    norms = [[r["grad_norm"] for r in read_metrics(tmp_path / run) if "loss" in r]
+             for run in ("plain", "reference")]
     assert norms[0][0] == pytest.approx(norms[1][0], rel=1e-5)  # the same first gradients
     assert all(n is not None and math.isfinite(n) for n in norms[0])
 
